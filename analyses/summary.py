@@ -1,0 +1,56 @@
+"""``summary``: where each head's attention goes, in one pass: mass on the first token and entropy.
+
+For every attention stack of the model, per head:
+- ``first_token_mass`` = mean over queries t > 0 of A[l, h, t, 0] (the first real token; the query at
+  position 0 itself is left out);
+- ``entropy`` = mean over queries of -sum_s A[l, h, t, s] log A[l, h, t, s], in nats.
+
+Text models read the probe in one forward pass; encoder-decoders decode it greedily, capturing the
+encoder, the decoder's self-attention and its cross-attention.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from headscope.capture.reducers import Entropy, KeyMass
+from headscope.probes import inputs as probe_inputs
+from headscope.registry import Context, register
+from headscope.results import AnalysisResult, HeadMap
+
+MAX_NEW_TOKENS = 64
+DESCRIPTIONS = {
+    "first_token_mass": "mean attention on the first token (queries after it)",
+    "entropy": "mean attention entropy in nats",
+}
+
+
+@register("summary", kinds=("decoder", "encoder", "encoder-decoder"),
+          description="per-head attention mass on the first token and entropy, in one pass")
+def run(context: Context) -> AnalysisResult:
+    started = time.perf_counter()
+    probe = probe_inputs.build(context.loaded, context.text, context.input_path, context.max_tokens)
+    model = context.loaded.model
+    mass, entropy = KeyMass(positions=(0,)), Entropy()
+    inputs = {name: tensor.to(model.device) for name, tensor in probe.inputs.items()}
+    summary: dict = {"input": probe.source, "tokens": len(probe.tokens)}
+    with torch.no_grad(), context.scope.capture(mass, entropy):
+        if probe.generate:
+            generated = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+            processor = context.loaded.processor
+            summary["output"] = processor.batch_decode(generated, skip_special_tokens=True)[0].strip()
+            summary["tokens"] = int(generated.shape[1])
+        else:
+            model(**inputs)
+    result = AnalysisResult(name="summary", params={"positions": [0], "max_new_tokens": MAX_NEW_TOKENS})
+    for metric, reducer in (("first_token_mass", mass), ("entropy", entropy)):
+        for stack, values in reducer.result().items():
+            result.add_map(metric, HeadMap(values=values, stack=stack, description=DESCRIPTIONS[metric]))
+    for stack in context.scope.stacks:
+        top = result.top_heads("first_token_mass", k=3, stack=stack)
+        summary[f"top_first_token_mass_{stack}"] = [f"{layer}.{head}={value:.3f}" for layer, head, value in top]
+    result.summary = summary
+    result.seconds = time.perf_counter() - started
+    return result

@@ -1,0 +1,469 @@
+"""The capture engine: exact per-head attention statistics that stream, and per-head gates.
+
+headscope registers its own attention function in transformers' ``AttentionInterface`` (and the matching
+``AttentionMaskInterface`` entry) and switches the model to it for the duration of a capture. Inside,
+attention is computed as eager attention computes it, but one chunk of queries at a time; each chunk's
+probabilities go to the active reducers and are dropped. With no reducer active the call goes to SDPA.
+Gates are forward pre-hooks on each attention module's output projection.
+
+    scope = Scope(model)
+    mass, entropy = KeyMass(), Entropy()
+    with scope.capture(mass, entropy):
+        model(**inputs)
+    mass.result()["self"]  # (layers, heads)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from headscope.capture.adapters import Adapter, Site, adapt
+from headscope.capture.gates import Gates
+from headscope.capture.reducers import Chunk, Reducer
+from headscope.errors import HeadscopeError
+
+IMPLEMENTATION = "headscope"
+DEFAULT_BUDGET_BYTES = 256 * 2**20
+# Per query row, the chunk holds about this many float32 copies of (heads x keys): logits, exp, probs.
+_COPIES_PER_ROW = 3
+_MIN_CHUNKS, _MIN_ROWS = 8, 64
+
+_SESSION: contextvars.ContextVar[_Session | None] = contextvars.ContextVar("headscope_session", default=None)
+
+
+@dataclass
+class _Validity:
+    query_valid: torch.Tensor  # (B, Tq) bool
+    key_valid: torch.Tensor  # (B, Tk) bool
+    key_start: torch.Tensor  # (B,) long
+
+
+@dataclass
+class _Session:
+    """What one ``Scope.capture`` is doing: its reducers, gates and per-call bookkeeping."""
+
+    adapter: Adapter
+    sites: dict[int, Site]
+    reducers: list[Reducer]
+    gates: list[Gates]
+    chunk_size: int | None
+    budget_bytes: int
+    call: int = 0
+    validity_cache: dict[tuple, _Validity] = field(default_factory=dict)
+    query_valid: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Per self-attention site across calls: tokens of the sequence so far, and each example's first real
+    # token (absolute), to place the keys of a sliding-window cache that has dropped its oldest keys.
+    tokens_seen: dict[str, int] = field(default_factory=dict)
+    first_token: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def reducers_for(self, stack: str) -> list[Reducer]:
+        return [r for r in self.reducers if r.wants(stack)]
+
+    def rows_per_chunk(self, batch: int, heads: int, keys: int, skips_keys: bool) -> int:
+        """Queries per chunk: the fixed ``chunk_size``, else what fits the budget; when later keys can be
+        skipped (causal), at least ``_MIN_CHUNKS`` chunks so that little of the hidden triangle is computed."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        rows = max(1, self.budget_bytes // (batch * heads * keys * 4 * _COPIES_PER_ROW))
+        if skips_keys:
+            rows = min(rows, max(_MIN_ROWS, -(-keys // _MIN_CHUNKS)))
+        return rows
+
+    def end_call(self) -> None:
+        self.call += 1
+        self.validity_cache.clear()
+
+
+class Scope:
+    """A view of an unmodified, loaded model through which attention can be captured and heads gated.
+
+    Args:
+        model: a transformers model, as loaded.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.adapter = adapt(model)
+        self.stacks = self.adapter.stacks()
+
+    @contextlib.contextmanager
+    def capture(
+        self,
+        *reducers: Reducer,
+        gates: Sequence[Gates] = (),
+        chunk_size: int | None = None,
+        budget_bytes: int = DEFAULT_BUDGET_BYTES,
+    ) -> Iterator[Scope]:
+        """Run forward passes or ``generate`` inside; reducers fill, gates act.
+
+        Args:
+            reducers: statistics to compute; each receives every chunk of attention of its stacks.
+            gates: per-head gates on head outputs z.
+            chunk_size: queries per chunk; by default chosen so a chunk stays within ``budget_bytes``.
+            budget_bytes: memory a chunk's probabilities may take.
+
+        On exit, also on an exception, the model is as before: attention implementation restored and no
+        hook left.
+        """
+        if _SESSION.get() is not None:
+            raise HeadscopeError("a capture is already active: finish it before opening another")
+        unknown = {g.stack for g in gates} - set(self.stacks)
+        if unknown:
+            raise HeadscopeError(f"no attention stack named {sorted(unknown)}: this model has {list(self.stacks)}")
+        for reducer in reducers:
+            reducer.bind(self.stacks)
+        session = _Session(self.adapter, self.adapter.by_module(), list(reducers), list(gates), chunk_size,
+                           budget_bytes)
+        token = _SESSION.set(session)
+        try:
+            with contextlib.ExitStack() as stack:
+                if reducers:
+                    stack.enter_context(self._attention_switched(session))
+                stack.enter_context(self._gate_hooks(session))
+                stack.enter_context(self._call_counter(session))
+                yield self
+        finally:
+            _SESSION.reset(token)
+
+    def hidden_states(self, **inputs) -> tuple[torch.Tensor, ...]:
+        """Each layer's residual stream, through the model's own ``output_hidden_states``."""
+        with torch.no_grad():
+            outputs = self.model(**inputs, output_hidden_states=True)
+        states = getattr(outputs, "hidden_states", None)
+        if states is None:
+            states = outputs.decoder_hidden_states
+        return tuple(states)
+
+    @contextlib.contextmanager
+    def _attention_switched(self, session: _Session) -> Iterator[None]:
+        if not self.adapter.routes_through_interface:
+            with _eager_fallback(self.model, session):
+                yield
+            return
+        _register()
+        configs = _all_configs(self.model)
+        saved = [(config, config._attn_implementation_internal) for config in configs]
+        try:
+            self.model.set_attn_implementation(IMPLEMENTATION)
+            yield
+        finally:
+            for config, implementation in saved:
+                config._attn_implementation_internal = implementation
+
+    @contextlib.contextmanager
+    def _gate_hooks(self, session: _Session) -> Iterator[None]:
+        handles = []
+        try:
+            for site in self.adapter.sites:
+                site_gates = [g for g in session.gates if g.stack == site.stack]
+                if site_gates:
+                    handles.append(site.out_proj.register_forward_pre_hook(_gate_hook(session, site, site_gates)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextlib.contextmanager
+    def _call_counter(self, session: _Session) -> Iterator[None]:
+        handle = self.model.register_forward_hook(lambda *_: session.end_call())
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+def _gate_hook(session: _Session, site: Site, site_gates: list[Gates]):
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        batch, tokens = x.shape[0], x.shape[1]
+        z = x.view(batch, tokens, site.heads, -1)
+        token_mask = session.query_valid.get(site.path)
+        if token_mask is not None and token_mask.shape != (batch, tokens):
+            token_mask = None
+        for gate in site_gates:
+            z = gate.apply(site, z, token_mask)
+        return (z.reshape(x.shape), *args[1:])
+
+    return hook
+
+
+def _all_configs(model: nn.Module) -> list:
+    """Every config the model and its sub-models use (each attention-implementation holder)."""
+    seen: dict[int, object] = {}
+    pending = [m.config for m in model.modules() if isinstance(m, PreTrainedModel)]
+    while pending:
+        config = pending.pop()
+        if id(config) in seen:
+            continue
+        seen[id(config)] = config
+        for key in getattr(config, "sub_configs", {}):
+            sub = getattr(config, key, None)
+            if sub is not None:
+                pending.append(sub)
+    return list(seen.values())
+
+
+_REGISTERED = False
+
+
+def _register() -> None:
+    global _REGISTERED
+    if not _REGISTERED:
+        AttentionInterface.register(IMPLEMENTATION, headscope_attention)
+        AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+        _REGISTERED = True
+
+
+def headscope_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: eager-exact chunked attention feeding reducers, else SDPA.
+
+    Shapes: query (B, H, Tq, D), key and value (B, H_kv, Tk, D); returns (B, Tq, H, D).
+    """
+    session = _SESSION.get()
+    site = session.sites.get(id(module)) if session is not None else None
+    reducers = session.reducers_for(site.stack) if site is not None else []
+    needs_eager = kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
+    if not reducers and not needs_eager:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return _chunked_attention(session, site, reducers, module, query, key, value, attention_mask, **kwargs)
+
+
+def _chunked_attention(
+    session: _Session | None,
+    site: Site | None,
+    reducers: list[Reducer],
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    is_causal: bool | None = None,
+    position_bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
+    **_: object,
+) -> tuple[torch.Tensor, None]:
+    batch, heads, n_queries, head_dim = query.shape
+    kv_heads, n_keys = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    scaling = head_dim**-0.5 if scaling is None else scaling
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(causal) and n_queries > 1 and attention_mask is None
+    if causal and n_keys > n_queries:  # SDPA's rule for a prefill into a pre-allocated cache
+        key, value, n_keys = key[:, :, :n_queries], value[:, :, :n_queries], n_queries
+    mask = attention_mask[..., :n_keys] if attention_mask is not None else None
+    offset = n_keys - n_queries
+    cross = site is not None and site.stack.startswith("cross")
+    validity = _validity(session, site, mask, batch, n_queries, n_keys, cross, query.device) if reducers else None
+
+    rows = session.rows_per_chunk(batch, heads, n_keys, causal or mask is not None) if session else n_queries
+    # Scaling the queries instead of the scores saves a pass over (queries x keys); equal to float rounding.
+    grouped_queries = (query * scaling).reshape(batch, kv_heads, group, n_queries, head_dim)
+    output = query.new_empty(batch, kv_heads, group, n_queries, value.shape[-1])
+    lowest = torch.finfo(torch.float32).min
+    for start in range(0, n_queries, rows):
+        stop = min(start + rows, n_queries)
+        width = stop - start
+        visible = _visible_keys(mask, start, stop, n_keys, offset, causal)
+        q = grouped_queries[:, :, :, start:stop].reshape(batch, kv_heads, group * width, head_dim)
+        scores = torch.matmul(q, key[:, :, :visible].transpose(-1, -2)).view(batch, heads, width, visible)
+        if position_bias is not None:
+            scores = scores + position_bias[:, :, start:stop, :visible]
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        scores = scores.float()
+        if mask is not None:
+            chunk_mask = mask[:, :, start:stop, :visible]
+            if chunk_mask.dtype == torch.bool:
+                scores.masked_fill_(~chunk_mask, lowest)
+            else:
+                scores = (scores + chunk_mask.float()).clamp_min_(lowest)
+        elif causal and visible > start + offset + 1:  # keys after the chunk's first query are hidden from it
+            hidden = torch.arange(visible, device=scores.device)[None, :] > torch.arange(
+                start, stop, device=scores.device)[:, None] + offset
+            scores.masked_fill_(hidden, lowest)
+        probs = _softmax(scores, s_aux)
+        if reducers:
+            chunk = Chunk(
+                site=site,
+                probs=probs,
+                logits=scores if s_aux is None else None,
+                query_index=torch.arange(start, stop, device=probs.device),
+                query_position=None if cross else torch.arange(start, stop, device=probs.device) + offset,
+                query_valid=validity.query_valid[:, start:stop],
+                key_valid=validity.key_valid[:, :visible],
+                key_start=validity.key_start,
+                call=session.call,
+                queries=n_queries,
+                keys=n_keys,
+            )
+            for reducer in reducers:
+                reducer.update(chunk)
+        weights = nn.functional.dropout(probs, p=dropout, training=module.training).to(value.dtype)
+        out = torch.matmul(weights.view(batch, kv_heads, group * width, visible), value[:, :, :visible])
+        output[:, :, :, start:stop] = out.view(batch, kv_heads, group, width, -1)
+    return output.view(batch, heads, n_queries, -1).transpose(1, 2).contiguous(), None
+
+
+def _softmax(scores: torch.Tensor, s_aux: torch.Tensor | None) -> torch.Tensor:
+    """Attention probabilities (B, H, C, K) float32, as eager attention computes them.
+
+    With a learned sink logit per head (``s_aux``), the sink takes part in the softmax and is dropped
+    afterwards, so rows sum below 1.
+    """
+    if s_aux is None:
+        return torch.softmax(scores, dim=-1)
+    sink = s_aux.float().reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    combined = torch.cat([scores, sink], dim=-1)
+    combined = combined - combined.amax(dim=-1, keepdim=True)
+    return torch.softmax(combined, dim=-1)[..., :-1]
+
+
+def _visible_keys(
+    mask: torch.Tensor | None, start: int, stop: int, n_keys: int, offset: int, causal: bool
+) -> int:
+    """How many leading keys any query of the chunk can see: later keys are skipped altogether."""
+    if causal:
+        return min(n_keys, stop + offset)
+    if mask is None:
+        return n_keys
+    allowed = mask[:, :, start:stop]
+    allowed = allowed if allowed.dtype == torch.bool else allowed > torch.finfo(allowed.dtype).min / 2
+    seen = allowed.flatten(0, 2).any(dim=0)
+    last = int(seen.nonzero().max()) + 1 if bool(seen.any()) else n_keys
+    return max(last, 1)
+
+
+def _validity(
+    session: _Session,
+    site: Site,
+    mask: torch.Tensor | None,
+    batch: int,
+    n_queries: int,
+    n_keys: int,
+    cross: bool,
+    device: torch.device,
+) -> _Validity:
+    """Which queries and keys are real tokens, read from the attention mask the model built.
+
+    A key is valid when some query may attend to it; in self-attention a query is valid when it may
+    attend to its own position (padding queries may not). Cross-attention queries take the validity of
+    the decoder's self-attention in the same call.
+    """
+    cache_key = (mask.data_ptr() if mask is not None else None, batch, n_queries, n_keys, cross)
+    if cache_key in session.validity_cache:
+        validity = session.validity_cache[cache_key]
+    else:
+        if mask is None:
+            key_valid = torch.ones(batch, n_keys, dtype=torch.bool, device=device)
+            query_valid = torch.ones(batch, n_queries, dtype=torch.bool, device=device)
+        else:
+            allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+            allowed = allowed.any(dim=1).expand(batch, n_queries, n_keys)
+            key_valid = allowed.any(dim=1)
+            if cross:
+                query_valid = torch.ones(batch, n_queries, dtype=torch.bool, device=device)
+            else:
+                own = (torch.arange(n_queries, device=device) + n_keys - n_queries).clamp(0, n_keys - 1)
+                query_valid = allowed.gather(2, own[None, :, None].expand(batch, -1, 1))[..., 0]
+        key_start = key_valid.int().argmax(dim=1)
+        validity = _Validity(query_valid, key_valid, key_start)
+        session.validity_cache[cache_key] = validity
+    if cross:
+        decoder = session.query_valid.get("decoder")
+        if decoder is not None and decoder.shape == (batch, n_queries):
+            validity = _Validity(decoder, validity.key_valid, validity.key_start)
+    else:
+        session.query_valid[site.stack] = validity.query_valid
+        validity = _placed_on_sequence(session, site, validity, n_queries, n_keys)
+    session.query_valid[site.path] = validity.query_valid
+    return validity
+
+
+def _placed_on_sequence(session: _Session, site: Site, validity: _Validity, n_queries: int,
+                        n_keys: int) -> _Validity:
+    """Key positions relative to each example's first real token when the call's keys start later.
+
+    A sliding-window cache (e.g. Gemma, Mistral) keeps only the latest keys: in a decode step its first
+    key is not the sequence's first token. The call's first key is at ``seen - n_keys``, where ``seen``
+    counts the tokens since the call without a cache (``n_keys == n_queries``) that began the sequence;
+    ``key_start`` then becomes the first real token's index on the call's key axis (negative once it has
+    been dropped). Without that first call inside the capture, the keys are taken to start the sequence.
+    """
+    seen = n_queries if n_keys == n_queries else session.tokens_seen.get(site.path, 0) + n_queries
+    session.tokens_seen[site.path] = seen
+    offset = seen - n_keys
+    if offset <= 0:
+        session.first_token[site.path] = validity.key_start
+        return validity
+    first = session.first_token.get(site.path)
+    if first is None or first.shape != validity.key_start.shape:
+        return validity
+    return _Validity(validity.query_valid, validity.key_valid, first - offset)
+
+
+@contextlib.contextmanager
+def _eager_fallback(model: nn.Module, session: _Session) -> Iterator[None]:
+    """For models outside the attention interface: eager ``output_attentions`` read by forward hooks."""
+    warnings.warn(
+        f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface: "
+        "headscope falls back to eager output_attentions=True, which materialises every layer's full "
+        "(batch, heads, T, T) attention map (4 * heads * T^2 bytes per layer and example at fp32)",
+        stacklevel=4,
+    )
+    configs = _all_configs(model)
+    saved = [(c, c.output_attentions) for c in configs]
+    handles = []
+    try:
+        for config in configs:
+            config.output_attentions = True
+        for site in session.adapter.sites:
+            handles.append(site.module.register_forward_hook(_fallback_hook(session, site)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for config, value in saved:
+            config.output_attentions = value
+
+
+def _fallback_hook(session: _Session, site: Site):
+    def hook(module: nn.Module, args: tuple, output: object) -> None:
+        outputs = output if isinstance(output, tuple) else (output,)
+        maps = [o for o in outputs if isinstance(o, torch.Tensor) and o.ndim == 4 and o.shape[1] == site.heads]
+        reducers = session.reducers_for(site.stack)
+        if not maps or not reducers:
+            return
+        probs = maps[0].float()
+        batch, _, n_queries, n_keys = probs.shape
+        cross = site.stack.startswith("cross")
+        validity = _validity(session, site, None, batch, n_queries, n_keys, cross, probs.device)
+        chunk = Chunk(site=site, probs=probs, logits=None,
+                      query_index=torch.arange(n_queries, device=probs.device),
+                      query_position=None if cross else torch.arange(n_queries, device=probs.device)
+                      + n_keys - n_queries,
+                      query_valid=validity.query_valid, key_valid=validity.key_valid,
+                      key_start=validity.key_start, call=session.call, queries=n_queries, keys=n_keys)
+        for reducer in reducers:
+            reducer.update(chunk)
+
+    return hook

@@ -1,0 +1,328 @@
+"""Reducers: per-head statistics that stream through query chunks of attention.
+
+The capture engine computes attention one chunk of queries at a time and hands each chunk's
+probabilities to every active reducer, then drops them. A reducer keeps running sums per (layer, head) of
+each attention stack, merges with another of its kind by addition (over inputs, batches or processes) and
+reports with :meth:`Reducer.result`.
+
+Shapes: B batch, H query heads, C queries in the chunk, K keys visible to the chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import functools
+
+import numpy as np
+import torch
+
+from headscope.capture.adapters import Site, Stack
+from headscope.errors import MemoryBudgetError
+
+
+@dataclass
+class Chunk:
+    """One chunk of attention probabilities and what the reducers need to read it.
+
+    Attributes:
+        site: the attention module (stack, layer, heads).
+        probs: (B, H, C, K) float32 attention probabilities; masked keys hold 0.
+        logits: (B, H, C, K) float32 scores after masking, or None; ``probs = softmax(logits)``.
+        query_index: (C,) index of each query among the call's queries.
+        query_position: (C,) position of each query on the key axis (self-attention), or None (cross).
+        query_valid: (B, C) bool, False for padding queries.
+        key_valid: (B, K) bool, False for padding keys.
+        key_start: (B,) index of each example's first real token on the call's key axis (negative when a
+            sliding-window cache has dropped it).
+        call: index of the model call within the capture (0 for a prefill, then one per decode step).
+        queries: total queries in this call (the chunk holds some of them).
+        keys: total keys in this call.
+    """
+
+    site: Site
+    probs: torch.Tensor
+    logits: torch.Tensor | None
+    query_index: torch.Tensor
+    query_position: torch.Tensor | None
+    query_valid: torch.Tensor
+    key_valid: torch.Tensor
+    key_start: torch.Tensor
+    call: int
+    queries: int
+    keys: int
+
+    @functools.cached_property
+    def lse(self) -> torch.Tensor:
+        """(B, H, C) log-sum-exp of ``logits``: max(x) - log(max(p)), exact since p_max = exp(x_max - lse)."""
+        return self.logits.amax(dim=-1) - self.probs.amax(dim=-1).log()
+
+    def relative_keys(self) -> torch.Tensor:
+        """(B, K) key index relative to each example's first real token."""
+        return torch.arange(self.probs.shape[-1], device=self.probs.device)[None, :] - self.key_start[:, None]
+
+
+class Reducer:
+    """Base class: a statistic per (layer, head) per stack, as ``sums / counts``.
+
+    Subclasses implement :meth:`update` (add one chunk's contribution through :meth:`_add`). ``stacks``
+    limits the reducer to some attention stacks (all by default).
+    """
+
+    name = "reducer"
+
+    def __init__(self, stacks: Iterable[str] | None = None) -> None:
+        self.stacks = set(stacks) if stacks is not None else None
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+        self._shapes: dict[str, Stack] = {}
+
+    def bind(self, stacks: dict[str, Stack]) -> None:
+        """Called by the scope before a capture with the model's stacks."""
+        self._shapes = {name: s for name, s in stacks.items() if self.wants(name)}
+
+    def wants(self, stack: str) -> bool:
+        return self.stacks is None or stack in self.stacks
+
+    def update(self, chunk: Chunk) -> None:
+        raise NotImplementedError
+
+    def _add(self, site: Site, per_head: torch.Tensor, count: torch.Tensor | float) -> None:
+        """Add (H,) sums and a count (per head or shared) to ``site``'s layer, on the chunk's device."""
+        if site.stack not in self.sums:
+            stack = self._shapes[site.stack]
+            dtype = torch.float32 if per_head.device.type == "mps" else torch.float64
+            self.sums[site.stack] = torch.zeros(stack.layers, stack.heads, dtype=dtype, device=per_head.device)
+            self.counts[site.stack] = torch.zeros_like(self.sums[site.stack])
+        sums, counts = self.sums[site.stack], self.counts[site.stack]
+        sums[site.layer, : site.heads] += per_head.detach().to(sums)
+        counts[site.layer, : site.heads] += count.detach().to(counts) if isinstance(count, torch.Tensor) else count
+
+    def merge(self, other: Reducer) -> Reducer:
+        """Add ``other``'s sums and counts into this reducer (same kind and parameters)."""
+        if type(other) is not type(self):
+            raise TypeError(f"cannot merge {type(other).__name__} into {type(self).__name__}")
+        for stack, sums in other.sums.items():
+            if stack in self.sums:
+                self.sums[stack] += sums.to(self.sums[stack])
+                self.counts[stack] += other.counts[stack].to(self.counts[stack])
+            else:
+                self.sums[stack] = sums.clone()
+                self.counts[stack] = other.counts[stack].clone()
+        return self
+
+    def all_reduce(self) -> None:
+        """Sum this reducer across ``torch.distributed`` processes, in place."""
+        import torch.distributed as dist
+
+        for stack in sorted(self.sums):
+            dist.all_reduce(self.sums[stack])
+            dist.all_reduce(self.counts[stack])
+
+    def result(self) -> dict[str, np.ndarray]:
+        """Per stack, the (layers, heads) mean ``sums / counts``; NaN where nothing was counted."""
+        out = {}
+        for stack, sums in self.sums.items():
+            sums, counts = sums.double().cpu(), self.counts[stack].double().cpu()
+            out[stack] = torch.where(counts > 0, sums / counts.clamp_min(1e-300), torch.nan).numpy()
+        return out
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum over the last axis of a * b, (..., K) -> (...), as a batched matmul with no temporary."""
+    return torch.matmul(a.unsqueeze(-2), b.unsqueeze(-1))[..., 0, 0]
+
+
+def _valid_queries(chunk: Chunk) -> torch.Tensor:
+    """(B, C) float: 1 for the queries that count."""
+    return chunk.query_valid.to(chunk.probs.dtype)
+
+
+class KeyMass(Reducer):
+    """Mean attention mass on a set of keys S: mean over valid queries t of sum_{s in S} A[l, h, t, s].
+
+    S is given either as ``positions`` relative to each example's first real token (default: the first
+    token, ``(0,)``) or as ``key_mask``, a (B, keys) bool tensor on the absolute key axis of the call.
+    With ``exclude_own`` (self-attention only), queries that are themselves in S are left out: a token
+    that can only see S would otherwise count as attending to it.
+    """
+
+    name = "key_mass"
+
+    def __init__(
+        self,
+        positions: Sequence[int] = (0,),
+        key_mask: torch.Tensor | None = None,
+        exclude_own: bool = True,
+        stacks: Iterable[str] | None = None,
+    ) -> None:
+        super().__init__(stacks)
+        self.positions = tuple(positions)
+        self.key_mask = key_mask
+        self.exclude_own = exclude_own
+
+    def _mass(self, chunk: Chunk, in_set: torch.Tensor) -> torch.Tensor:
+        """(B, H, C) mass of each query on S: a gather of a few columns, or a product with the key mask."""
+        if self.key_mask is None and chunk.probs.shape[0] == 1:
+            columns = in_set[0].nonzero()[:, 0]
+            return chunk.probs[..., columns].sum(dim=-1)
+        return torch.einsum("bhck,bk->bhc", chunk.probs, in_set.to(chunk.probs.dtype))
+
+    def _in_set(self, chunk: Chunk) -> torch.Tensor:
+        """(B, K) bool: keys of the chunk that are in S."""
+        keys = chunk.probs.shape[-1]
+        if self.key_mask is not None:
+            return self.key_mask[:, :keys].to(chunk.probs.device)
+        relative = chunk.relative_keys()
+        in_set = torch.zeros_like(relative, dtype=torch.bool)
+        for position in self.positions:
+            in_set |= relative == position
+        return in_set & chunk.key_valid
+
+    def update(self, chunk: Chunk) -> None:
+        in_set = self._in_set(chunk)
+        mass = self._mass(chunk, in_set)
+        weight = _valid_queries(chunk)
+        if self.exclude_own and chunk.query_position is not None:
+            own = in_set.gather(1, chunk.query_position.clamp_max(in_set.shape[1] - 1)[None, :]
+                                .expand(in_set.shape[0], -1))
+            weight = weight * (~own).to(weight.dtype)
+        self._add(chunk.site, torch.einsum("bhc,bc->h", mass, weight), weight.sum())
+
+
+class Entropy(Reducer):
+    """Mean attention entropy in nats: mean over valid queries of -sum_s A[t, s] log A[t, s].
+
+    Computed as ``logsumexp(x) - sum_s A[t, s] x[t, s]`` from the chunk's logits x (no log per element)
+    when the engine provides them (rows that sum below 1, with a learned sink, take the direct formula).
+    """
+
+    name = "entropy"
+
+    def update(self, chunk: Chunk) -> None:
+        if chunk.logits is not None:
+            entropy = chunk.lse - _row_dot(chunk.probs, chunk.logits)
+        else:
+            entropy = -torch.special.xlogy(chunk.probs, chunk.probs).sum(-1)
+        weight = _valid_queries(chunk)
+        self._add(chunk.site, torch.einsum("bhc,bc->h", entropy, weight), weight.sum())
+
+
+class MeanDistance(Reducer):
+    """Mean attention distance: mean over valid queries t of sum_s A[t, s] |pos(t) - pos(s)| (self-attention)."""
+
+    name = "mean_distance"
+
+    def update(self, chunk: Chunk) -> None:
+        if chunk.query_position is None:
+            return
+        keys = torch.arange(chunk.probs.shape[-1], device=chunk.probs.device, dtype=chunk.probs.dtype)
+        distance = (chunk.query_position.to(keys.dtype)[:, None] - keys[None, :]).abs()
+        per_query = torch.einsum("bhck,ck->bhc", chunk.probs, distance)
+        weight = _valid_queries(chunk)
+        self._add(chunk.site, torch.einsum("bhc,bc->h", per_query, weight), weight.sum())
+
+
+class ArgmaxKey(Reducer):
+    """Per query, the key each head attends to most and its probability.
+
+    Keeps, per call and site, ``(B, H, queries)`` argmax indices and probabilities (O(T) per head, never
+    T x T). ``last_only`` keeps only the last query of each call, as decoding needs.
+    """
+
+    name = "argmax_key"
+
+    def __init__(self, last_only: bool = False, stacks: Iterable[str] | None = None) -> None:
+        super().__init__(stacks)
+        self.last_only = last_only
+        self.records: dict[tuple[int, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, chunk: Chunk) -> None:
+        probs = chunk.probs
+        if self.last_only:
+            if int(chunk.query_index[-1]) != chunk.queries - 1:
+                return
+            probs = probs[:, :, -1:]
+        value, index = probs.max(dim=-1)
+        key = (chunk.call, chunk.site.stack, chunk.site.layer)
+        if key in self.records:
+            old_index, old_value = self.records[key]
+            index, value = torch.cat([old_index, index.cpu()], -1), torch.cat([old_value, value.cpu()], -1)
+        self.records[key] = (index.cpu(), value.cpu())
+
+    def result(self) -> dict[tuple[int, str, int], tuple[torch.Tensor, torch.Tensor]]:
+        """``{(call, stack, layer): (argmax index (B, H, Q), probability (B, H, Q))}``."""
+        return dict(self.records)
+
+
+class LastRow(Reducer):
+    """The last query's attention row per head and call: (B, H, keys), e.g. the current decode step.
+
+    With ``callback(site, call, row)`` each row is handed over at once and nothing is kept.
+    """
+
+    name = "last_row"
+
+    def __init__(
+        self,
+        callback: Callable[[Site, int, torch.Tensor], None] | None = None,
+        stacks: Iterable[str] | None = None,
+    ) -> None:
+        super().__init__(stacks)
+        self.callback = callback
+        self.rows: dict[tuple[int, str, int], torch.Tensor] = {}
+
+    def update(self, chunk: Chunk) -> None:
+        if int(chunk.query_index[-1]) != chunk.queries - 1:
+            return
+        row = chunk.probs[:, :, -1]
+        if self.callback is not None:
+            self.callback(chunk.site, chunk.call, row)
+        else:
+            self.rows[(chunk.call, chunk.site.stack, chunk.site.layer)] = row.cpu()
+
+    def result(self) -> dict[tuple[int, str, int], torch.Tensor]:
+        """``{(call, stack, layer): (B, H, keys)}``."""
+        return dict(self.rows)
+
+
+class FullMaps(Reducer):
+    """Full (B, queries, keys) attention maps for the named heads only, within a memory budget.
+
+    ``heads`` lists ``(stack, layer, head)``. The request is refused, before anything is stored, when the
+    maps of one call would exceed ``budget_bytes``.
+    """
+
+    name = "full_maps"
+
+    def __init__(self, heads: Iterable[tuple[str, int, int]], budget_bytes: int = 512 * 2**20) -> None:
+        self.heads = sorted(set(heads))
+        super().__init__({stack for stack, _, _ in self.heads})
+        self.budget_bytes = budget_bytes
+        self.maps: dict[tuple[int, str, int, int], torch.Tensor] = {}
+
+    def update(self, chunk: Chunk) -> None:
+        site = chunk.site
+        wanted = [h for stack, layer, h in self.heads if stack == site.stack and layer == site.layer]
+        if not wanted:
+            return
+        batch = chunk.probs.shape[0]
+        needed = batch * chunk.queries * chunk.keys * 4 * len(self.heads)
+        if needed > self.budget_bytes:
+            raise MemoryBudgetError(
+                f"full attention maps for {len(self.heads)} heads at {chunk.queries} x {chunk.keys} tokens "
+                f"(batch {batch}) need {needed / 2**20:.0f} MiB, over the budget of "
+                f"{self.budget_bytes / 2**20:.0f} MiB: name fewer heads, use shorter inputs, or raise budget_bytes"
+            )
+        keys = chunk.probs.shape[-1]
+        for head in wanted:
+            index = (chunk.call, site.stack, site.layer, head)
+            if index not in self.maps:
+                self.maps[index] = torch.zeros(batch, chunk.queries, chunk.keys)
+            rows = chunk.query_index.cpu()
+            self.maps[index][:, rows, :keys] = chunk.probs[:, head].detach().cpu()
+
+    def result(self) -> dict[tuple[int, str, int, int], torch.Tensor]:
+        """``{(call, stack, layer, head): (B, queries, keys)}``."""
+        return dict(self.maps)

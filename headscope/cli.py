@@ -1,0 +1,140 @@
+"""The ``headscope`` command line.
+
+Bad input gets one line on stderr saying what is wrong and what to do, and exit code 2, never a
+traceback; exit code 1 when an analysis failed (the others' results are still written).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Column, Table
+
+from headscope.errors import HeadscopeError
+
+app = typer.Typer(
+    name="headscope",
+    help="Inspect the attention heads of Hugging Face transformers models.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+console = Console(stderr=True)
+
+
+@app.command()
+def analyze(
+    model: Annotated[str | None, typer.Argument(
+        help="packaged alias, local folder, .gguf file or hub id (default: the packaged smollm2-135m)")] = None,
+    analyses: Annotated[str | None, typer.Option(
+        "--analyses", "-a", help="comma-separated analyses to run (default: all that fit the model)")] = None,
+    text: Annotated[str | None, typer.Option(help="text to analyse instead of the default probe")] = None,
+    input_path: Annotated[str | None, typer.Option(
+        "--input", help="file to analyse: UTF-8 text, or a .wav file for speech models")] = None,
+    out: Annotated[Path, typer.Option(help="output folder for results.json and figures")] = Path("headscope-out"),
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16")] = "float32",
+    max_tokens: Annotated[int | None, typer.Option(help="truncate inputs to this many tokens")] = None,
+    seed: Annotated[int, typer.Option(help="seed for probes and sampling")] = 0,
+    figures: Annotated[str, typer.Option(
+        help="figure formats, comma-separated from html,png,svg,pdf; 'none' for no figures")] = "html,png,svg,pdf",
+    trust_remote_code: Annotated[bool, typer.Option(
+        "--trust-remote-code", help="allow the model repository's own Python code to run")] = False,
+    allow_pickle: Annotated[bool, typer.Option(
+        "--allow-pickle", help="accept pickle checkpoints (they can run code when loaded)")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress or tables, for scripts")] = False,
+) -> None:
+    """Run the analyses that fit MODEL; write results.json and figures into --out."""
+    from headscope.runner import RunOptions
+    from headscope.runner import analyze as run
+
+    options = RunOptions(
+        model=model,
+        analyses=[name.strip() for name in analyses.split(",") if name.strip()] if analyses else None,
+        text=text,
+        input_path=input_path,
+        out=out,
+        device=device,
+        dtype=dtype,
+        max_tokens=max_tokens,
+        seed=seed,
+        figures=_figure_formats(figures),
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+    )
+    if quiet:
+        results = run(options)
+    else:
+        with console.status("starting") as status:
+            results = run(options, progress=lambda message: status.update(message))
+    for note in dict.fromkeys(options.notes):
+        console.print(f"note: {note}", highlight=False)
+    if not quiet:
+        _print_top_heads(results)
+        console.print(f"results: {out / 'results.json'}", highlight=False)
+    failed = [name for name, result in results.items() if result.status == "failed"]
+    if failed:
+        for name in failed:
+            console.print(f"analysis {name} failed: {results[name].error}", highlight=False)
+        raise typer.Exit(1)
+
+
+@app.command()
+def models() -> None:
+    """List the packaged models: alias, whether installed, size, licence."""
+    from headscope.models.zoo import DEFAULT_ALIAS, PACKAGED
+
+    # the alias is what users type: never cut it short, however narrow the terminal
+    table = Table(Column("alias", no_wrap=True), "installed", "kind", "layers x heads", "size", "licence", "install")
+    for alias, model in PACKAGED.items():
+        table.add_row(alias + (" (default)" if alias == DEFAULT_ALIAS else ""), "yes" if model.installed() else "no",
+                      model.kind, model.layers_heads, f"{model.size_mb} MB", model.licence, model.install)
+    Console().print(table)
+
+
+def _figure_formats(spec: str) -> tuple[str, ...]:
+    if spec.strip().lower() == "none":
+        return ()
+    formats = tuple(f.strip().lower() for f in spec.split(",") if f.strip())
+    unknown = [f for f in formats if f not in ("html", "png", "svg", "pdf")]
+    if unknown:
+        raise HeadscopeError(f"unknown figure format '{unknown[0]}': choose from html, png, svg, pdf, or none")
+    return formats
+
+
+def _print_top_heads(results) -> None:
+    table = Table("analysis", "metric", "stack", "top heads (layer.head = value)")
+    for name, result in results.items():
+        for metric, stack in result.maps:
+            top = result.top_heads(metric, k=3, stack=stack)
+            table.add_row(name, metric, stack, ", ".join(f"{layer}.{head} = {value:.3f}" for layer, head, value in top))
+    Console().print(table)
+
+
+def main() -> None:
+    """Entry point: run the app, turning every user error into one line and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except HeadscopeError as error:
+        _fail(str(error), 2)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        _fail("interrupted", 130)
+    except Exception as error:
+        if not hasattr(error, "format_message"):  # a bug, not the user's input: keep the traceback
+            raise
+        if type(error).__name__ == "NoArgsIsHelpError":
+            print(error.ctx.get_help())
+            sys.exit(0)
+        _fail(f"{error.format_message()} (see headscope --help)", getattr(error, "exit_code", 2))
+
+
+def _fail(message: str, code: int) -> None:
+    console.print(f"headscope: error: {message}", highlight=False, soft_wrap=True)
+    sys.exit(code)

@@ -1,0 +1,92 @@
+"""The analyses registry: each analysis registers under a name; the CLI and the API read it.
+
+Adding an analysis adds its ``headscope analyze --analyses`` option for free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from headscope.errors import HeadscopeError
+
+if TYPE_CHECKING:
+    from headscope.capture.engine import Scope
+    from headscope.models.load import Loaded
+    from headscope.results import AnalysisResult
+
+
+@dataclass
+class Context:
+    """What an analysis runs on: the loaded model, its scope, and the user's input and options.
+
+    ``text`` is the user's free text (``--text``/``--input``), or None for the analysis's default probe;
+    ``max_tokens`` truncates inputs; ``params`` holds per-analysis parameter overrides.
+    """
+
+    loaded: Loaded
+    scope: Scope
+    text: str | None = None
+    input_path: str | None = None
+    max_tokens: int | None = None
+    seed: int = 0
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """A registered analysis: its name, the model kinds it fits, and the function that runs it."""
+
+    name: str
+    kinds: tuple[str, ...]
+    description: str
+    run: Callable[[Context], AnalysisResult]
+
+    def fits(self, kind: str) -> bool:
+        return kind in self.kinds
+
+
+_REGISTRY: dict[str, Analysis] = {}
+
+
+def register(name: str, *, kinds: tuple[str, ...], description: str):
+    """Decorator: register ``run(context) -> AnalysisResult`` as the analysis ``name``."""
+
+    def decorate(run: Callable[[Context], AnalysisResult]) -> Callable[[Context], AnalysisResult]:
+        _REGISTRY[name] = Analysis(name=name, kinds=kinds, description=description, run=run)
+        return run
+
+    return decorate
+
+
+def list_analyses() -> list[str]:
+    """Names of every registered analysis."""
+    _load_builtin()
+    return list(_REGISTRY)
+
+
+def get(name: str) -> Analysis:
+    """The analysis ``name``; one clear error naming the known ones otherwise."""
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise HeadscopeError(f"unknown analysis '{name}': choose from {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def select(names: list[str] | None, kind: str) -> list[Analysis]:
+    """The analyses to run on a model of ``kind``: the named ones (each must fit), or all that fit."""
+    _load_builtin()
+    if not names:
+        return [a for a in _REGISTRY.values() if a.fits(kind)]
+    chosen = [get(name) for name in names]
+    for analysis in chosen:
+        if not analysis.fits(kind):
+            raise HeadscopeError(
+                f"analysis '{analysis.name}' does not fit a {kind} model (it fits {', '.join(analysis.kinds)})"
+            )
+    return chosen
+
+
+def _load_builtin() -> None:
+    import headscope.analyses  # noqa: F401  (registers the built-in analyses)
