@@ -1,0 +1,236 @@
+"""Reference attention statistics from eager ``output_attentions=True``, written plainly.
+
+Nothing here reuses headscope's reducers: the attention maps come from transformers' own eager attention
+(on a deep copy of the model switched to ``"eager"``) and every statistic is a loop over examples and
+queries with explicit masks, in float64.
+
+A stack's attention in one model call is a list of :class:`LayerAttention`, one per layer; a capture over
+several calls (``generate``) is a list of those.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass
+class LayerAttention:
+    """The eager attention of one layer in one call and what each query and key is.
+
+    Attributes:
+        probs: (B, H, Tq, Tk) float64.
+        query_valid: (B, Tq) bool, the query is a real token.
+        key_valid: (B, Tk) bool, the key is a real token.
+        query_pos: (Tq,) absolute position of each query in its sequence (self-attention), None for cross.
+        key_pos: (Tk,) absolute position of each key (a sliding-window cache holds only the latest keys).
+        first: (B,) absolute position of each example's first real key.
+    """
+
+    probs: torch.Tensor
+    query_valid: torch.Tensor
+    key_valid: torch.Tensor
+    query_pos: torch.Tensor | None
+    key_pos: torch.Tensor
+    first: torch.Tensor
+
+
+Call = list[LayerAttention]
+
+
+def eager_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` that runs transformers' eager attention everywhere."""
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    return eager
+
+
+def _first_real(mask: torch.Tensor) -> torch.Tensor:
+    firsts = []
+    for row in mask.bool():
+        firsts.append(int(torch.nonzero(row)[0, 0]))
+    return torch.tensor(firsts)
+
+
+def make_call(maps, query_mask, key_mask, cross: bool = False, query_start: int = 0,
+              key_positions: list[torch.Tensor] | None = None) -> Call:
+    """Wrap eager maps (one (B, H, Tq, Tk) tensor per layer) of a stack with the masks of its tokens.
+
+    ``query_mask`` (B, Tq_total) and ``key_mask`` (B, Tk_total) are the 0/1 masks over whole sequences;
+    the call's queries are positions ``query_start ...``; its keys are positions ``key_positions[layer]``
+    (default ``0 ... Tk - 1``).
+    """
+    call = []
+    for layer, probs in enumerate(maps):
+        _, _, n_queries, n_keys = probs.shape
+        key_pos = torch.arange(n_keys) if key_positions is None else key_positions[layer]
+        query_pos = torch.arange(query_start, query_start + n_queries)
+        call.append(LayerAttention(
+            probs=probs.detach().double(),
+            query_valid=query_mask[:, query_pos].bool(),
+            key_valid=key_mask[:, key_pos].bool(),
+            query_pos=None if cross else query_pos,
+            key_pos=key_pos,
+            first=_first_real(key_mask),
+        ))
+    return call
+
+
+def forward_attention(eager: nn.Module, kind: str, inputs: dict) -> dict[str, Call]:
+    """One eager forward with ``output_attentions=True``; per stack, its attention and token masks."""
+    with torch.no_grad():
+        out = eager(**inputs, output_attentions=True)
+    if kind in ("decoder", "encoder", "vision", "vlm"):
+        first_input = inputs.get("input_ids", inputs.get("pixel_values"))
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(first_input.shape[0], out.attentions[0].shape[-1], dtype=torch.long)
+        stacks = {"self": make_call(out.attentions, mask, mask)}
+        if kind == "vlm":
+            with torch.no_grad():
+                vision = eager.model.vision_tower(inputs["pixel_values"], output_attentions=True)
+            ones = torch.ones(vision.attentions[0].shape[0], vision.attentions[0].shape[-1], dtype=torch.long)
+            stacks["vision"] = make_call(vision.attentions, ones, ones)
+        return stacks
+    encoder_tokens = out.encoder_attentions[0].shape[-1]
+    batch = out.encoder_attentions[0].shape[0]
+    encoder_mask = inputs.get("attention_mask")
+    if encoder_mask is None:
+        encoder_mask = torch.ones(batch, encoder_tokens, dtype=torch.long)
+    decoder_mask = inputs.get("decoder_attention_mask")
+    if decoder_mask is None:
+        decoder_mask = torch.ones(batch, out.decoder_attentions[0].shape[-1], dtype=torch.long)
+    return {
+        "encoder": make_call(out.encoder_attentions, encoder_mask, encoder_mask),
+        "decoder": make_call(out.decoder_attentions, decoder_mask, decoder_mask),
+        "cross": make_call(out.cross_attentions, decoder_mask, encoder_mask, cross=True),
+    }
+
+
+def decoding_attention(eager: nn.Module, kind: str, inputs: dict, sequences: torch.Tensor) -> dict[str, list[Call]]:
+    """Eager attention of greedy decoding replayed step by step with a KV cache.
+
+    ``sequences`` is what ``generate`` returned (prompt and new tokens for a decoder-only model, decoder
+    tokens for an encoder-decoder). The prompt is one call, then each new token but the last is one call
+    of one query, as ``generate`` does.
+    """
+    with torch.no_grad():
+        if kind == "decoder":
+            ids, mask = inputs["input_ids"], inputs["attention_mask"]
+            prompt = ids.shape[1]
+            full_mask = torch.cat([mask, torch.ones(ids.shape[0], sequences.shape[1] - prompt,
+                                                    dtype=mask.dtype)], 1)
+            out = eager(**inputs, output_attentions=True, use_cache=True)
+            calls = [make_call(out.attentions, full_mask, full_mask)]
+            cache = out.past_key_values
+            for position in range(prompt, sequences.shape[1] - 1):
+                out = eager(input_ids=sequences[:, position:position + 1],
+                            attention_mask=full_mask[:, :position + 1], past_key_values=cache,
+                            use_cache=True, output_attentions=True)
+                cache = out.past_key_values
+                calls.append(make_call(out.attentions, full_mask, full_mask, query_start=position,
+                                       key_positions=_cached_key_positions(out.attentions, position)))
+            return {"self": calls}
+        # encoder-decoder: the encoder runs once, the decoder one token at a time after its prompt
+        start = inputs["decoder_input_ids"].shape[1]
+        prefix = {k: v for k, v in inputs.items() if k != "decoder_input_ids"}
+        out = eager(**prefix, decoder_input_ids=sequences[:, :start], output_attentions=True, use_cache=True)
+        batch = sequences.shape[0]
+        encoder_mask = torch.ones(batch, out.encoder_attentions[0].shape[-1], dtype=torch.long)
+        decoder_mask = torch.ones(batch, sequences.shape[1], dtype=torch.long)
+        stacks = {
+            "encoder": [make_call(out.encoder_attentions, encoder_mask, encoder_mask)],
+            "decoder": [make_call(out.decoder_attentions, decoder_mask, decoder_mask)],
+            "cross": [make_call(out.cross_attentions, decoder_mask, encoder_mask, cross=True)],
+        }
+        encoder_outputs = (out.encoder_last_hidden_state,)
+        cache = out.past_key_values
+        for position in range(start, sequences.shape[1] - 1):
+            out = eager(encoder_outputs=encoder_outputs, decoder_input_ids=sequences[:, position:position + 1],
+                        past_key_values=cache, use_cache=True, output_attentions=True)
+            cache = out.past_key_values
+            stacks["decoder"].append(make_call(out.decoder_attentions, decoder_mask, decoder_mask,
+                                               query_start=position))
+            stacks["cross"].append(make_call(out.cross_attentions, decoder_mask, encoder_mask, cross=True,
+                                             query_start=position))
+        return stacks
+
+
+def _cached_key_positions(maps, position: int) -> list[torch.Tensor]:
+    """Absolute positions of the keys of a one-query decode step: a sliding-window layer's cache holds
+    only the latest keys, ending at the query itself."""
+    return [torch.arange(position + 1 - m.shape[-1], position + 1) for m in maps]
+
+
+# --- statistics -------------------------------------------------------------------------------------
+
+
+def _empty(calls: list[Call]) -> tuple[np.ndarray, np.ndarray]:
+    layers, heads = len(calls[0]), calls[0][0].probs.shape[1]
+    return np.zeros((layers, heads)), np.zeros((layers, heads))
+
+
+def _in_set(layer: LayerAttention, b: int, absolute: int, positions, key_mask) -> bool:
+    """Whether the key at absolute position ``absolute`` of example ``b`` is in the set S."""
+    if key_mask is not None:
+        return bool(key_mask[b, absolute])
+    where = torch.nonzero(layer.key_pos == absolute)
+    if len(where) == 0 or not bool(layer.key_valid[b, int(where[0, 0])]):
+        return False
+    return absolute - int(layer.first[b]) in positions
+
+
+def key_mass(calls: list[Call], positions=(0,), key_mask: torch.Tensor | None = None,
+             exclude_own: bool = True) -> np.ndarray:
+    """Mean over real queries of the attention on S: the keys at ``positions`` after each example's
+    first real token, or where ``key_mask`` (B, absolute positions) is True. Queries in S are skipped
+    (self-attention, ``exclude_own``)."""
+    sums, counts = _empty(calls)
+    for call in calls:
+        for layer_index, layer in enumerate(call):
+            batch, _, n_queries, n_keys = layer.probs.shape
+            for b in range(batch):
+                in_set = torch.tensor([_in_set(layer, b, int(layer.key_pos[k]), positions, key_mask)
+                                       for k in range(n_keys)], dtype=torch.float64)
+                for t in range(n_queries):
+                    if not layer.query_valid[b, t]:
+                        continue
+                    if exclude_own and layer.query_pos is not None and _in_set(
+                            layer, b, int(layer.query_pos[t]), positions, key_mask):
+                        continue
+                    sums[layer_index] += (layer.probs[b, :, t, :] * in_set).sum(-1).numpy()
+                    counts[layer_index] += 1
+    return sums / counts
+
+
+def entropy(calls: list[Call]) -> np.ndarray:
+    """Mean over real queries of -sum_k p log p (nats)."""
+    sums, counts = _empty(calls)
+    for call in calls:
+        for layer_index, layer in enumerate(call):
+            for b in range(layer.probs.shape[0]):
+                for t in range(layer.probs.shape[2]):
+                    if layer.query_valid[b, t]:
+                        p = layer.probs[b, :, t, :]
+                        logs = torch.where(p > 0, p.clamp_min(1e-300).log(), torch.zeros_like(p))
+                        sums[layer_index] += (-(p * logs).sum(-1)).numpy()
+                        counts[layer_index] += 1
+    return sums / counts
+
+
+def mean_distance(calls: list[Call]) -> np.ndarray:
+    """Mean over real queries of sum_k p |pos(query) - pos(key)| (self-attention only)."""
+    sums, counts = _empty(calls)
+    for call in calls:
+        for layer_index, layer in enumerate(call):
+            for b in range(layer.probs.shape[0]):
+                for t in range(layer.probs.shape[2]):
+                    if layer.query_valid[b, t]:
+                        distance = (layer.query_pos[t] - layer.key_pos).abs().double()
+                        sums[layer_index] += (layer.probs[b, :, t, :] * distance).sum(-1).numpy()
+                        counts[layer_index] += 1
+    return sums / counts

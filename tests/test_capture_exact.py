@@ -1,0 +1,336 @@
+"""The capture engine is exact: every reducer equals the same statistic computed from eager attention.
+
+For each tiny architecture (decoders, encoders, encoder-decoders with cross-attention, vision, LLaVA),
+batch 1 and batch 2 with left or right padding, and chunk sizes 1, 3 and automatic, every statistic of
+every stack equals the eager reference of ``tests/reference.py`` to 1e-5 in float32. Greedy ``generate``
+with a KV cache is checked step by step against eager attention replayed with a cache.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import reference as ref
+import tiny_models as tm
+import torch
+
+from headscope.capture.engine import Scope
+from headscope.capture.reducers import ArgmaxKey, Entropy, FullMaps, KeyMass, LastRow, MeanDistance
+
+ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with tm.one_thread():
+        yield
+
+
+def _input_cases() -> list[tuple[str, int, str | None]]:
+    cases = []
+    for name in tm.FACTORIES:
+        cases.append((name, 1, None))
+        paddings = tm.get(name).paddings
+        cases.extend((name, 2, padding) for padding in paddings)
+        if not paddings:
+            cases.append((name, 2, None))
+    return cases
+
+
+CASES = _input_cases()
+CHUNKS = (1, 3, None)
+
+
+def _case_id(case: tuple[str, int, str | None]) -> str:
+    name, batch, padding = case
+    return f"{name}-b{batch}" + (f"-{padding}" if padding else "")
+
+
+def _chunk_id(chunk: int | None) -> str:
+    return "auto" if chunk is None else f"chunk{chunk}"
+
+
+case_param = pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+chunk_param = pytest.mark.parametrize("chunk", CHUNKS, ids=[_chunk_id(c) for c in CHUNKS])
+
+
+@functools.cache
+def _eager(name: str):
+    return ref.eager_copy(tm.get(name).model)
+
+
+@functools.cache
+def _reference(case: tuple[str, int, str | None]) -> dict[str, ref.Call]:
+    name, batch, padding = case
+    tiny = tm.get(name)
+    return ref.forward_attention(_eager(name), tiny.kind, tiny.inputs(batch, padding))
+
+
+def _key_mask(case) -> torch.Tensor:
+    """A fixed random set of keys of the main self-attention stack, (B, Tk) bool."""
+    tiny = tm.get(case[0])
+    keys = _reference(case)[tiny.self_stack][0].probs.shape[-1]
+    return torch.rand(case[1], keys, generator=torch.Generator().manual_seed(3)) < 0.3
+
+
+def _full_map_heads(name: str) -> list[tuple[str, int, int]]:
+    """Two named heads: the main stack's first layer, and the last layer of another stack if any."""
+    tiny = tm.get(name)
+    stacks = Scope(tiny.model).stacks
+    other = next((s for s in ("cross", "vision") if s in stacks), tiny.self_stack)
+    last = stacks[other]
+    return [(tiny.self_stack, 0, 1), (other, last.layers - 1, last.heads - 1)]
+
+
+@functools.cache
+def _captured(case: tuple[str, int, str | None], chunk: int | None) -> dict[str, object]:
+    """Every reducer filled by one forward inside one capture."""
+    name, batch, padding = case
+    tiny = tm.get(name)
+    reducers = {
+        "key_mass": KeyMass(),
+        "key_mass_012": KeyMass(positions=(0, 1, 2)),
+        "key_mass_mask": KeyMass(key_mask=_key_mask(case), stacks={tiny.self_stack}),
+        "entropy": Entropy(),
+        "mean_distance": MeanDistance(),
+        "argmax": ArgmaxKey(),
+        "last_row": LastRow(),
+        "full_maps": FullMaps(_full_map_heads(name)),
+    }
+    with torch.no_grad(), Scope(tiny.model).capture(*reducers.values(), chunk_size=chunk):
+        tiny.model(**tiny.inputs(batch, padding))
+    return reducers
+
+
+def _assert_per_stack(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    assert set(got) == set(want), f"stacks {sorted(got)} != {sorted(want)}"
+    for stack in want:
+        assert got[stack].shape == want[stack].shape, stack
+        assert np.isfinite(want[stack]).all(), stack
+        np.testing.assert_allclose(got[stack], want[stack], rtol=0, atol=ATOL, err_msg=f"stack {stack}")
+
+
+# --- one forward pass ---------------------------------------------------------------------------------
+
+
+@case_param
+@chunk_param
+def test_key_mass_on_first_token_equals_eager(case, chunk):
+    want = {stack: ref.key_mass([call]) for stack, call in _reference(case).items()}
+    _assert_per_stack(_captured(case, chunk)["key_mass"].result(), want)
+
+
+@case_param
+@chunk_param
+def test_key_mass_on_positions_0_1_2_equals_eager(case, chunk):
+    want = {stack: ref.key_mass([call], positions=(0, 1, 2)) for stack, call in _reference(case).items()}
+    _assert_per_stack(_captured(case, chunk)["key_mass_012"].result(), want)
+
+
+@case_param
+@chunk_param
+def test_key_mass_with_explicit_key_mask_equals_eager(case, chunk):
+    stack = tm.get(case[0]).self_stack
+    want = {stack: ref.key_mass([_reference(case)[stack]], key_mask=_key_mask(case))}
+    _assert_per_stack(_captured(case, chunk)["key_mass_mask"].result(), want)
+
+
+@case_param
+@chunk_param
+def test_entropy_equals_eager(case, chunk):
+    want = {stack: ref.entropy([call]) for stack, call in _reference(case).items()}
+    _assert_per_stack(_captured(case, chunk)["entropy"].result(), want)
+
+
+@case_param
+@chunk_param
+def test_mean_distance_equals_eager_on_self_attention_stacks(case, chunk):
+    want = {stack: ref.mean_distance([call]) for stack, call in _reference(case).items() if stack != "cross"}
+    _assert_per_stack(_captured(case, chunk)["mean_distance"].result(), want)
+
+
+@case_param
+@chunk_param
+def test_argmax_key_is_the_eager_argmax(case, chunk):
+    got = _captured(case, chunk)["argmax"].result()
+    reference = _reference(case)
+    assert {stack for _, stack, _ in got} == set(reference)
+    for stack, call in reference.items():
+        for layer, attention in enumerate(call):
+            index, value = got[(0, stack, layer)]
+            batch, heads, n_queries, _ = attention.probs.shape
+            assert index.shape == value.shape == (batch, heads, n_queries)
+            eager_max = attention.probs.amax(-1)
+            at_index = attention.probs.gather(-1, index[..., None].long())[..., 0]
+            real = attention.query_valid[:, None, :].expand(batch, heads, n_queries)
+            where = f"{stack} layer {layer}"
+            # the engine's key is a maximum of the eager row (ties may go either way), with its probability
+            torch.testing.assert_close(at_index[real], eager_max[real], rtol=0, atol=ATOL, msg=where)
+            torch.testing.assert_close(value.double()[real], eager_max[real], rtol=0, atol=ATOL, msg=where)
+
+
+@case_param
+@chunk_param
+def test_last_row_equals_eager_last_query(case, chunk):
+    got = _captured(case, chunk)["last_row"].result()
+    reference = _reference(case)
+    assert {stack for _, stack, _ in got} == set(reference)
+    for stack, call in reference.items():
+        for layer, attention in enumerate(call):
+            row = got[(0, stack, layer)]
+            want = attention.probs[:, :, -1, :]
+            assert row.shape == want.shape, f"{stack} layer {layer}"
+            real = attention.query_valid[:, -1]  # a right-padded example's last query is padding
+            torch.testing.assert_close(row.double()[real], want[real], rtol=0, atol=ATOL,
+                                       msg=f"{stack} layer {layer}")
+
+
+@case_param
+@chunk_param
+def test_full_maps_equal_eager_for_the_named_heads_only(case, chunk):
+    name = case[0]
+    got = _captured(case, chunk)["full_maps"].result()
+    heads = _full_map_heads(name)
+    assert set(got) == {(0, stack, layer, head) for stack, layer, head in heads}
+    for stack, layer, head in heads:
+        attention = _reference(case)[stack][layer]
+        want = attention.probs[:, head]
+        assert got[(0, stack, layer, head)].shape == want.shape
+        real = attention.query_valid
+        torch.testing.assert_close(got[(0, stack, layer, head)].double()[real], want[real], rtol=0,
+                                   atol=ATOL, msg=f"{stack} layer {layer} head {head}")
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3", "t5"])
+def test_automatic_chunks_under_a_small_budget_equal_eager(name):
+    """A budget that fits two query rows: the automatic chunk size splits every call into many chunks."""
+    case = (name, 2, tm.get(name).paddings[0])
+    reference = _reference(case)
+    keys = max(call[0].probs.shape[-1] for call in reference.values())
+    budget = 2 * 2 * 4 * keys * 4 * 3  # two rows of (batch 2, 4 heads, keys) float32, three copies
+    mass, entropy = KeyMass(), Entropy()
+    tiny = tm.get(name)
+    scope = Scope(tiny.model)
+    with torch.no_grad(), scope.capture(mass, entropy, budget_bytes=budget):
+        tiny.model(**tiny.inputs(2, case[2]))
+    _assert_per_stack(mass.result(), {s: ref.key_mass([c]) for s, c in reference.items()})
+    _assert_per_stack(entropy.result(), {s: ref.entropy([c]) for s, c in reference.items()})
+
+
+def test_t5_decoder_and_encoder_of_equal_length_keep_their_own_padding():
+    """Encoder padding must not leak into the decoder's query validity (same shapes, one call)."""
+    tiny = tm.get("t5")
+    inputs = tiny.inputs(2, "right")
+    inputs["decoder_input_ids"] = tm._tokens(2, tm.SEQ, 16)
+    inputs["decoder_attention_mask"] = torch.ones(2, tm.SEQ, dtype=torch.long)
+    reference = ref.forward_attention(_eager("t5"), "seq2seq", inputs)
+    mass = KeyMass()
+    with torch.no_grad(), Scope(tiny.model).capture(mass, chunk_size=3):
+        tiny.model(**inputs)
+    _assert_per_stack(mass.result(), {s: ref.key_mass([c]) for s, c in reference.items()})
+
+
+def test_reference_statistics_differ_between_heads_and_paddings():
+    """The comparisons above are discriminating: heads differ, and padding changes the statistics."""
+    plain = ref.key_mass([_reference(("llama", 1, None))["self"]])
+    assert np.ptp(plain) > 0.05
+    left = ref.key_mass([_reference(("llama", 2, "left"))["self"]])
+    right = ref.key_mass([_reference(("llama", 2, "right"))["self"]])
+    assert np.abs(left - right).max() > 1e-3
+
+
+# --- generate with a KV cache ---------------------------------------------------------------------------
+
+GENERATE_CASES = [("llama", 1, None), ("llama", 2, "left"), ("gemma3", 1, None), ("gemma3", 2, "left"),
+                  ("whisper", 1, None), ("whisper", 2, None)]
+generate_param = pytest.mark.parametrize("case", GENERATE_CASES, ids=[_case_id(c) for c in GENERATE_CASES])
+NEW_TOKENS = 4
+
+
+def _generate_inputs(case) -> dict:
+    name, batch, padding = case
+    inputs = tm.get(name).inputs(batch, padding)
+    if name == "whisper":  # the decoder starts from its start token
+        inputs = {"input_features": inputs["input_features"]}
+    return inputs
+
+
+@functools.cache
+def _generated(case, chunk: int | None):
+    """Reducers filled during greedy generation, the generated sequences and the eager replay."""
+    name = case[0]
+    tiny = tm.get(name)
+    inputs = _generate_inputs(case)
+    reducers = {"key_mass": KeyMass(), "key_mass_012": KeyMass(positions=(0, 1, 2)), "entropy": Entropy(),
+                "mean_distance": MeanDistance(), "last_row": LastRow(), "argmax": ArgmaxKey(last_only=True)}
+    with torch.no_grad(), Scope(tiny.model).capture(*reducers.values(), chunk_size=chunk):
+        out = tiny.model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                  return_dict_in_generate=True)
+    sequences = out.sequences
+    if name == "whisper":
+        inputs = {**inputs, "decoder_input_ids": sequences[:, :1]}
+    replay = ref.decoding_attention(_eager(name), tiny.kind, inputs, sequences)
+    return reducers, sequences, replay
+
+
+@generate_param
+@pytest.mark.parametrize("chunk", (3, None), ids=_chunk_id)
+def test_last_row_of_each_decode_step_equals_eager_with_cache(case, chunk):
+    reducers, _, replay = _generated(case, chunk)
+    rows = reducers["last_row"].result()
+    for stack, calls in replay.items():
+        # the prompt, then one call per new token but the last; the encoder runs once
+        assert len(calls) == (1 if stack == "encoder" else NEW_TOKENS)
+        for call_index, call in enumerate(calls):
+            for layer, attention in enumerate(call):
+                where = f"{stack} call {call_index} layer {layer}"
+                row = rows[(call_index, stack, layer)]
+                want = attention.probs[:, :, -1]
+                assert row.shape == want.shape, where
+                torch.testing.assert_close(row.double(), want, rtol=0, atol=ATOL, msg=where)
+
+
+@generate_param
+@pytest.mark.parametrize("chunk", (3, None), ids=_chunk_id)
+def test_statistics_accumulated_over_generate_equal_eager_with_cache(case, chunk):
+    reducers, _, replay = _generated(case, chunk)
+    checks = {
+        "key_mass": ref.key_mass,
+        "key_mass_012": functools.partial(ref.key_mass, positions=(0, 1, 2)),
+        "entropy": ref.entropy,
+    }
+    for label, statistic in checks.items():
+        want = {stack: statistic(calls) for stack, calls in replay.items()}
+        _assert_per_stack(reducers[label].result(), want)
+    want = {stack: ref.mean_distance(calls) for stack, calls in replay.items() if stack != "cross"}
+    _assert_per_stack(reducers["mean_distance"].result(), want)
+
+
+@generate_param
+def test_argmax_of_the_last_query_per_step_is_the_eager_argmax(case):
+    reducers, _, replay = _generated(case, 3)
+    got = reducers["argmax"].result()
+    for stack, calls in replay.items():
+        for call_index, call in enumerate(calls):
+            for layer, attention in enumerate(call):
+                index, value = got[(call_index, stack, layer)]
+                last = attention.probs[:, :, -1]
+                assert index.shape == (*last.shape[:2], 1)
+                at_index = last.gather(-1, index.long())[..., 0]
+                torch.testing.assert_close(at_index, last.amax(-1), rtol=0, atol=ATOL)
+                torch.testing.assert_close(value[..., 0].double(), last.amax(-1), rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("case", [("gemma3", 1, None), ("gemma3", 2, "left")], ids=_case_id)
+def test_sliding_window_decode_steps_see_only_the_window(case):
+    """Gemma3's sliding layers decode against a cache of the last ``window`` keys: the first token has
+    left it, so its mass there is 0 while the full-attention layer still sees it."""
+    _, sequences, replay = _generated(case, 3)
+    window = tm.get("gemma3").extra["sliding_window"]
+    decode_steps = replay["self"][1:]
+    assert all(step[0].probs.shape[-1] == window and step[1].probs.shape[-1] > window for step in decode_steps)
+    mass = ref.key_mass(decode_steps)
+    assert np.all(mass[[0, 2]] == 0) and np.all(mass[1] > 0)
+    assert sequences.shape[1] == tm.SEQ + NEW_TOKENS
