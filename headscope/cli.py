@@ -119,7 +119,7 @@ def _print_top_heads(results) -> None:
 def main() -> None:
     """Entry point: run the app, turning every user error into one line and exit code 2."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # outside standalone mode, click returns a typer.Exit's code
     except HeadscopeError as error:
         _fail(str(error), 2)
     except typer.Exit as done:
@@ -133,6 +133,8 @@ def main() -> None:
             print(error.ctx.get_help())
             sys.exit(0)
         _fail(f"{error.format_message()} (see headscope --help)", getattr(error, "exit_code", 2))
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 def _fail(message: str, code: int) -> None:
