@@ -10,10 +10,9 @@ Shapes: B batch, H query heads, C queries in the chunk, K keys visible to the ch
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-
-import functools
 
 import numpy as np
 import torch
