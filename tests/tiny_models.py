@@ -69,7 +69,7 @@ class Tiny:
     extra: dict = field(default_factory=dict)
 
 
-def _sharpen(model: nn.Module, seed: int) -> nn.Module:
+def sharpen(model: nn.Module, seed: int) -> nn.Module:
     """Redraw every matrix (projections, embeddings, T5's position buckets) from N(0, WEIGHT_STD^2)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -116,7 +116,7 @@ def llama() -> Tiny:
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
                          pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
-    model = _no_eos(_sharpen(LlamaForCausalLM(config), 0))
+    model = _no_eos(sharpen(LlamaForCausalLM(config), 0))
     return Tiny("llama", model, _text_inputs(10), "decoder", ("left", "right"), ("self",))
 
 
@@ -124,7 +124,7 @@ def gpt2() -> Tiny:
     torch.manual_seed(1)
     config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
                         eos_token_id=2, pad_token_id=PAD)
-    model = _no_eos(_sharpen(GPT2LMHeadModel(config), 1))
+    model = _no_eos(sharpen(GPT2LMHeadModel(config), 1))
     return Tiny("gpt2", model, _text_inputs(11), "decoder", ("left", "right"), ("self",))
 
 
@@ -135,7 +135,7 @@ def gemma3() -> Tiny:
                               num_attention_heads=4, num_key_value_heads=1, head_dim=8, sliding_window=4,
                               layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                               max_position_embeddings=64, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
-    model = _no_eos(_sharpen(Gemma3ForCausalLM(config), 2))
+    model = _no_eos(sharpen(Gemma3ForCausalLM(config), 2))
     return Tiny("gemma3", model, _text_inputs(12), "decoder", ("left", "right"), ("self",),
                 extra={"sliding_window": 4})
 
@@ -145,7 +145,7 @@ def qwen2() -> Tiny:
     config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
-    model = _no_eos(_sharpen(Qwen2ForCausalLM(config), 3))
+    model = _no_eos(sharpen(Qwen2ForCausalLM(config), 3))
     return Tiny("qwen2", model, _text_inputs(13), "decoder", ("left", "right"), ("self",))
 
 
@@ -153,7 +153,7 @@ def bert() -> Tiny:
     torch.manual_seed(4)
     config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=64, pad_token_id=PAD)
-    model = _sharpen(BertModel(config, add_pooling_layer=False), 4)
+    model = sharpen(BertModel(config, add_pooling_layer=False), 4)
     return Tiny("bert", model, _text_inputs(14), "encoder", ("right",), ("self",))
 
 
@@ -163,7 +163,7 @@ def t5() -> Tiny:
     config = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
                       num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
                       decoder_start_token_id=PAD, pad_token_id=PAD, eos_token_id=1)
-    model = _no_eos(_sharpen(T5ForConditionalGeneration(config), 5))
+    model = _no_eos(sharpen(T5ForConditionalGeneration(config), 5))
 
     def inputs(batch: int = 1, padding: str | None = None) -> dict:
         ids, mask = _pad(_tokens(batch, SEQ, 15), padding)
@@ -182,7 +182,7 @@ def whisper() -> Tiny:
                            decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=12, max_target_positions=32,
                            decoder_start_token_id=1, pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
                            suppress_tokens=None, begin_suppress_tokens=None)
-    model = _no_eos(_sharpen(WhisperForConditionalGeneration(config), 6))
+    model = _no_eos(sharpen(WhisperForConditionalGeneration(config), 6))
 
     def inputs(batch: int = 1, padding: str | None = None) -> dict:
         """Audio features (never padded: Whisper's encoder takes a fixed length) and decoder tokens."""
@@ -198,7 +198,7 @@ def vit() -> Tiny:
     torch.manual_seed(7)
     config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                        image_size=16, patch_size=4)
-    model = _sharpen(ViTModel(config, add_pooling_layer=False), 7)
+    model = sharpen(ViTModel(config, add_pooling_layer=False), 7)
 
     def inputs(batch: int = 1, padding: str | None = None) -> dict:
         return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=torch.Generator().manual_seed(19))}
@@ -220,7 +220,7 @@ def llava() -> Tiny:
                        pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=LLAVA_IMAGE_TOKEN,
                          image_seq_length=LLAVA_PATCHES, vision_feature_layer=-1, pad_token_id=PAD)
-    model = _no_eos(_sharpen(LlavaForConditionalGeneration(config), 8))
+    model = _no_eos(sharpen(LlavaForConditionalGeneration(config), 8))
 
     def inputs(batch: int = 1, padding: str | None = None) -> dict:
         text_ids = _tokens(batch, 7, 20).clamp_max(LLAVA_IMAGE_TOKEN - 1)

@@ -10,7 +10,6 @@ Shapes: B batch, H query heads, C queries in the chunk, K keys visible to the ch
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -51,11 +50,6 @@ class Chunk:
     call: int
     queries: int
     keys: int
-
-    @functools.cached_property
-    def lse(self) -> torch.Tensor:
-        """(B, H, C) log-sum-exp of ``logits``: max(x) - log(max(p)), exact since p_max = exp(x_max - lse)."""
-        return self.logits.amax(dim=-1) - self.probs.amax(dim=-1).log()
 
     def relative_keys(self) -> torch.Tensor:
         """(B, K) key index relative to each example's first real token."""
@@ -193,7 +187,7 @@ class KeyMass(Reducer):
 class Entropy(Reducer):
     """Mean attention entropy in nats: mean over valid queries of -sum_s A[t, s] log A[t, s].
 
-    Computed as ``logsumexp(x) - sum_s A[t, s] x[t, s]`` from the chunk's logits x (no log per element)
+    Computed as ``logsumexp(x) - sum_s A[t, s] x[t, s]`` from the chunk's logits x (no log per element),
     when the engine provides them (rows that sum below 1, with a learned sink, take the direct formula).
     """
 
@@ -201,7 +195,10 @@ class Entropy(Reducer):
 
     def update(self, chunk: Chunk) -> None:
         if chunk.logits is not None:
-            entropy = chunk.lse - _row_dot(chunk.probs, chunk.logits)
+            # With x' = x - max(x): logsumexp(x') = -log(max p), and sum_s A x' stays small, so float32
+            # keeps the precision that sum_s A x of large logits would lose.
+            peak = chunk.logits.amax(dim=-1, keepdim=True)
+            entropy = -chunk.probs.amax(dim=-1).log() - _row_dot(chunk.probs, chunk.logits - peak)
         else:
             entropy = -torch.special.xlogy(chunk.probs, chunk.probs).sum(-1)
         weight = _valid_queries(chunk)

@@ -1,0 +1,70 @@
+"""The capture engine is exact on the real packaged models, every stack, to 1e-5 in float32.
+
+SmolLM2 (Llama, grouped-query attention) on a left-padded batch, MiniLM (BERT) on a right-padded batch,
+and Whisper tiny.en's encoder self-attention, decoder self-attention and cross-attention on the shipped
+speech clip: every statistic equals the same one computed from eager ``output_attentions=True``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import reference as ref
+import torch
+
+import headscope
+from headscope.probes import audio, text
+
+pytestmark = pytest.mark.slow
+ATOL = 1e-5
+
+
+@functools.cache
+def _loaded(alias: str) -> headscope.Loaded:
+    return headscope.load(alias)
+
+
+def _text_batch(tokenizer, padding_side: str, lengths=(48, 31)) -> dict[str, torch.Tensor]:
+    words = text.prose().split()
+    sentences = [" ".join(words[: length]) for length in lengths]
+    tokenizer.padding_side = padding_side
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(sentences, return_tensors="pt", padding=True, truncation=True, max_length=64)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def _whisper_inputs(processor) -> dict[str, torch.Tensor]:
+    waveform, rate, transcript = audio.load_speech()
+    features = processor.feature_extractor(waveform, sampling_rate=rate, return_tensors="pt")["input_features"]
+    decoder_ids = processor.tokenizer(transcript, return_tensors="pt")["input_ids"][:, :24]
+    return {"input_features": features, "decoder_input_ids": decoder_ids}
+
+
+CASES = {
+    "smollm2-135m": ("decoder", lambda loaded: _text_batch(loaded.processor, "left")),
+    "minilm-l6": ("encoder", lambda loaded: _text_batch(loaded.processor, "right")),
+    "whisper-tiny.en": ("encoder-decoder", lambda loaded: _whisper_inputs(loaded.processor)),
+}
+
+
+@pytest.mark.parametrize("alias", list(CASES))
+def test_real_model_statistics_equal_eager(alias: str) -> None:
+    kind, make_inputs = CASES[alias]
+    loaded = _loaded(alias)
+    inputs = make_inputs(loaded)
+    expected = ref.forward_attention(ref.eager_copy(loaded.model), kind, inputs)
+
+    mass, entropy, distance = headscope.KeyMass(), headscope.Entropy(), headscope.MeanDistance()
+    with torch.no_grad(), headscope.Scope(loaded.model).capture(mass, entropy, distance):
+        loaded.model(**inputs)
+
+    assert set(mass.result()) == set(expected)
+    for stack, calls in expected.items():
+        np.testing.assert_allclose(mass.result()[stack], ref.key_mass([calls]), atol=ATOL, err_msg=stack)
+        np.testing.assert_allclose(entropy.result()[stack], ref.entropy([calls]), atol=ATOL, err_msg=stack)
+        if stack != "cross":  # distances reach hundreds of positions: float32 holds them to 1e-5 relative
+            np.testing.assert_allclose(distance.result()[stack], ref.mean_distance([calls]), rtol=ATOL,
+                                       atol=ATOL, err_msg=stack)
