@@ -12,7 +12,16 @@
 from headscope._version import __version__
 from headscope.capture.engine import Scope
 from headscope.capture.gates import Gates
-from headscope.capture.reducers import ArgmaxKey, Entropy, FullMaps, KeyMass, LastRow, MeanDistance, Reducer
+from headscope.capture.reducers import (
+    ArgmaxKey,
+    Entropy,
+    FullMaps,
+    KeyMass,
+    LastRow,
+    MeanDistance,
+    OffsetMass,
+    Reducer,
+)
 from headscope.errors import HeadscopeError
 from headscope.models.load import Loaded, ModelInfo, load
 from headscope.registry import list_analyses
@@ -32,6 +41,7 @@ __all__ = [
     "Loaded",
     "MeanDistance",
     "ModelInfo",
+    "OffsetMass",
     "Reducer",
     "Results",
     "RunOptions",

@@ -42,6 +42,7 @@ class Analysis:
     kinds: tuple[str, ...]
     description: str
     run: Callable[[Context], AnalysisResult]
+    figures: Callable[[AnalysisResult], dict[str, Any]] | None = None
 
     def fits(self, kind: str) -> bool:
         return kind in self.kinds
@@ -50,11 +51,21 @@ class Analysis:
 _REGISTRY: dict[str, Analysis] = {}
 
 
-def register(name: str, *, kinds: tuple[str, ...], description: str):
-    """Decorator: register ``run(context) -> AnalysisResult`` as the analysis ``name``."""
+def register(
+    name: str,
+    *,
+    kinds: tuple[str, ...],
+    description: str,
+    figures: Callable[[AnalysisResult], dict[str, Any]] | None = None,
+):
+    """Decorator: register ``run(context) -> AnalysisResult`` as the analysis ``name``.
+
+    ``figures(result)``, when given, returns the analysis's own figures beyond the per-map heatmaps
+    (``{name: plotly Figure}``); ``headscope analyze`` saves them beside the heatmaps.
+    """
 
     def decorate(run: Callable[[Context], AnalysisResult]) -> Callable[[Context], AnalysisResult]:
-        _REGISTRY[name] = Analysis(name=name, kinds=kinds, description=description, run=run)
+        _REGISTRY[name] = Analysis(name=name, kinds=kinds, description=description, run=run, figures=figures)
         return run
 
     return decorate

@@ -23,7 +23,7 @@ from headscope.capture.engine import Scope
 from headscope.errors import HeadscopeError
 from headscope.models.load import Loaded, load
 from headscope.probes import inputs as probe_inputs
-from headscope.registry import Context, select
+from headscope.registry import Context, get, select
 from headscope.results import AnalysisResult, Results
 
 
@@ -85,16 +85,24 @@ def _run_one(analysis, context: Context) -> AnalysisResult:
 
 
 def write_figures(results: Results, out: Path, options: RunOptions) -> None:
-    """One heatmap per map: interactive HTML, plus static formats where this machine can make them."""
+    """One heatmap per map and each analysis's own figures: interactive HTML, plus static formats where
+    this machine can make them."""
     formats = list(options.figures)
-    figures = out / "figures"
-    figures.mkdir(exist_ok=True)
+    if not formats:
+        return
+    folder = out / "figures"
+    folder.mkdir(exist_ok=True)
     for name, result in results.items():
-        for (metric, stack), head_map in result.maps.items():
-            figure = plotting.heatmap(head_map, f"{name}: {metric} ({stack})")
-            stem = figures / f"{name}-{metric}-{stack.replace(':', '_')}"
+        if result.status != "ok":
+            continue
+        figures = {f"{metric}-{stack.replace(':', '_')}": plotting.heatmap(head_map, f"{name}: {metric} ({stack})")
+                   for (metric, stack), head_map in result.maps.items()}
+        analysis = get(name)
+        if analysis.figures is not None:
+            figures.update(analysis.figures(result))
+        for figure_name, figure in figures.items():
             try:
-                plotting.save(figure, stem, formats)
+                plotting.save(figure, folder / f"{name}-{figure_name}", formats)
             except plotting.StaticExportError as error:
                 options.notes.append(str(error))
                 formats = ["html"]

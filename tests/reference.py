@@ -234,3 +234,112 @@ def mean_distance(calls: list[Call]) -> np.ndarray:
                         sums[layer_index] += (layer.probs[b, :, t, :] * distance).sum(-1).numpy()
                         counts[layer_index] += 1
     return sums / counts
+
+
+# --- sinks ------------------------------------------------------------------------------------------------
+
+
+def sees(layer: LayerAttention, b: int, t: int, k: int, causal: bool, window: int | None) -> bool:
+    """Whether query ``t`` of example ``b`` may attend to key ``k`` (indices on the call's axes): a real key,
+    not in the future of a causal stack, within a sliding window of ``window`` positions."""
+    if not bool(layer.key_valid[b, k]):
+        return False
+    if layer.query_pos is None:  # cross-attention sees every real source token
+        return True
+    query, key = int(layer.query_pos[t]), int(layer.key_pos[k])
+    if causal and key > query:
+        return False
+    return window is None or query - key < window
+
+
+def sink_mass(calls: list[Call], positions=(0,), exclude_own: bool = True, causal: bool = True,
+              windows: list[int | None] | None = None) -> np.ndarray:
+    """Mean over real queries that can see a key of S (and, with ``exclude_own``, are not in S) of the
+    attention on S; S = ``positions`` after each example's first real token. ``windows[layer]`` is the
+    layer's sliding window (None: full attention)."""
+    sums, counts = _empty(calls)
+    for call in calls:
+        for index, layer in enumerate(call):
+            window = windows[index] if windows else None
+            batch, _, n_queries, n_keys = layer.probs.shape
+            for b in range(batch):
+                in_s = [k for k in range(n_keys) if bool(layer.key_valid[b, k])
+                        and int(layer.key_pos[k]) - int(layer.first[b]) in positions]
+                for t in range(n_queries):
+                    if not layer.query_valid[b, t]:
+                        continue
+                    if exclude_own and layer.query_pos is not None and \
+                            int(layer.query_pos[t]) - int(layer.first[b]) in positions:
+                        continue
+                    if not any(sees(layer, b, t, k, causal, window) for k in in_s):
+                        continue
+                    sums[index] += layer.probs[b, :, t, in_s].sum(-1).numpy()
+                    counts[index] += 1
+    return sums / counts
+
+
+def residual_mass(calls: list[Call]) -> np.ndarray:
+    """Mean over real queries of 1 - sum_k p."""
+    sums, counts = _empty(calls)
+    for call in calls:
+        for index, layer in enumerate(call):
+            for b in range(layer.probs.shape[0]):
+                for t in range(layer.probs.shape[2]):
+                    if layer.query_valid[b, t]:
+                        sums[index] += (1 - layer.probs[b, :, t, :].sum(-1)).numpy()
+                        counts[index] += 1
+    return sums / counts
+
+
+def received(calls: list[Call], causal: bool = True,
+             windows: list[int | None] | None = None) -> dict[int, np.ndarray]:
+    """Per layer, (B, positions): the attention each key position (after the example's first real token)
+    receives, averaged over heads and over the real queries that can see it, itself left out; NaN where
+    no query counts."""
+    layers = len(calls[0])
+    sums: dict[int, dict[tuple[int, int], float]] = {i: {} for i in range(layers)}
+    counts: dict[int, dict[tuple[int, int], float]] = {i: {} for i in range(layers)}
+    for call in calls:
+        for index, layer in enumerate(call):
+            window = windows[index] if windows else None
+            batch, heads, n_queries, n_keys = layer.probs.shape
+            for b in range(batch):
+                for k in range(n_keys):
+                    position = int(layer.key_pos[k]) - int(layer.first[b])
+                    if position < 0 or not bool(layer.key_valid[b, k]):
+                        continue
+                    for t in range(n_queries):
+                        own = layer.query_pos is not None and int(layer.query_pos[t]) == int(layer.key_pos[k])
+                        if not layer.query_valid[b, t] or own or not sees(layer, b, t, k, causal, window):
+                            continue
+                        key = (b, position)
+                        sums[index][key] = sums[index].get(key, 0.0) + float(layer.probs[b, :, t, k].sum())
+                        counts[index][key] = counts[index].get(key, 0.0) + heads
+    out = {}
+    for index in range(layers):
+        batch = calls[0][index].probs.shape[0]
+        width = max((p for _, p in counts[index]), default=-1) + 1
+        table = np.full((batch, width), np.nan)
+        for (b, position), count in counts[index].items():
+            table[b, position] = sums[index][(b, position)] / count
+        out[index] = table
+    return out
+
+
+def filtered_entropy(calls: list[Call], exclude: torch.Tensor) -> np.ndarray:
+    """Mean over real queries of the entropy of the row renormalised over real keys outside ``exclude``
+    (B, keys): p~ = p / sum of p over those keys."""
+    sums, counts = _empty(calls)
+    for call in calls:
+        for index, layer in enumerate(call):
+            for b in range(layer.probs.shape[0]):
+                keep = [k for k in range(layer.probs.shape[-1]) if bool(layer.key_valid[b, k])
+                        and not bool(exclude[b, k])]
+                for t in range(layer.probs.shape[2]):
+                    if layer.query_valid[b, t]:
+                        p = layer.probs[b, :, t, keep]
+                        p = p / p.sum(-1, keepdim=True)
+                        logs = torch.where(p > 0, p.clamp_min(1e-300).log(), torch.zeros_like(p))
+                        sums[index] += (-(p * logs).sum(-1)).numpy()
+                        counts[index] += 1
+    return sums / counts

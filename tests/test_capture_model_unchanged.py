@@ -221,3 +221,41 @@ def test_full_maps_over_budget_raise_before_storing_anything(name):
     with torch.no_grad(), scope.capture(roomy):
         tiny.model(**inputs)
     assert len(roomy.result()) == 2
+
+
+def test_forward_in_another_thread_is_captured() -> None:
+    """A streamer runs ``generate`` in a worker thread: the capture opened in the main thread sees it."""
+    import threading
+
+    tiny = tm.get("llama")
+    inputs = tiny.inputs(1, None)
+    in_thread, in_main = KeyMass(), KeyMass()
+    scope = Scope(tiny.model)
+    with torch.no_grad():
+        with scope.capture(in_thread):
+            worker = threading.Thread(target=lambda: tiny.model(**inputs))
+            worker.start()
+            worker.join()
+        with scope.capture(in_main):
+            tiny.model(**inputs)
+    assert set(in_thread.result()) == {"self"}
+    torch.testing.assert_close(torch.from_numpy(in_thread.result()["self"]), torch.from_numpy(in_main.result()["self"]))
+
+
+@pytest.mark.parametrize("name", ["t5", "whisper"])
+def test_cross_attention_reducer_alone_skips_padded_decoder_queries(name: str) -> None:
+    """Cross-attention queries are the decoder's: a reducer of the cross stack alone still knows which are
+    padding, and equals the same reducer run beside one on every stack."""
+    tiny = tm.get(name)
+    inputs = tiny.inputs(2, "right")
+    assert not bool(inputs["decoder_attention_mask"].all())
+    alone, beside = KeyMass(stacks=["cross"]), KeyMass()
+    scope = Scope(tiny.model)
+    with torch.no_grad():
+        with scope.capture(alone):
+            tiny.model(**inputs)
+        with scope.capture(beside):
+            tiny.model(**inputs)
+    # The decoder's own attention runs through SDPA in one capture and eager-exact in the other: float tolerance.
+    torch.testing.assert_close(torch.from_numpy(alone.result()["cross"]), torch.from_numpy(beside.result()["cross"]),
+                               rtol=0, atol=1e-5)

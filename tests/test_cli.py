@@ -255,7 +255,8 @@ def test_max_tokens_truncates_text_longer_than_the_context(tmp_path: Path, tiny_
 def test_html_figures_are_one_file_per_map(tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "out"
-    run = headscope(monkeypatch, capsys, "analyze", str(tiny_llama_dir), "--out", str(out), "--figures", "html", "-q")
+    run = headscope(monkeypatch, capsys, "analyze", str(tiny_llama_dir), "--analyses", "summary", "--out", str(out),
+                    "--figures", "html", "-q")
 
     assert run.code == 0, run.err
     pages = sorted(p.name for p in (out / "figures").glob("*.html"))

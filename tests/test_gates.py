@@ -179,13 +179,15 @@ def test_replace_by_mean_equals_replacing_by_the_mean_by_hand(case):
         assert (_output(tiny.model(**inputs)) - by_hand).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("with_reducers", [True, False], ids=["with-reducers", "gates-alone"])
 @pytest.mark.parametrize("name", ["llama", "bert"])
-def test_mean_read_with_reducers_skips_padding_tokens(name):
-    """With reducers active the engine knows the padding: the mean is over real tokens only."""
+def test_mean_read_skips_padding_tokens(name, with_reducers):
+    """The engine reads the padding from the attention mask, with or without reducers: the mean is over real
+    tokens only."""
     tiny = tm.get(name)
     inputs = tiny.inputs(2, tiny.paddings[-1])
     reader = Gates(read="mean")
-    _run(tiny.model, inputs, gates=[reader], reducers=(KeyMass(),), chunk_size=3)
+    _run(tiny.model, inputs, gates=[reader], reducers=(KeyMass(),) if with_reducers else (), chunk_size=3)
     real = _hand_means(tiny.model, name, inputs, inputs["attention_mask"].bool())
     every = _hand_means(tiny.model, name, inputs, None)
     torch.testing.assert_close(reader.mean().double(), real, rtol=0, atol=1e-5)

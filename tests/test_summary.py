@@ -6,15 +6,14 @@ The ``slow`` tests run the command line end to end on the packaged SmolLM2 (the 
 from __future__ import annotations
 
 import re
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_runner import run_cli
 
-from headscope.cli import main
 from headscope.models import zoo
 from headscope.probes.text import DATA_DIR, prose
 from headscope.results import Results
@@ -61,16 +60,6 @@ def test_summary_maps_equal_eager_attention(tmp_path: Path, tiny_llama_dir: Path
 def needs(alias: str) -> pytest.MarkDecorator:
     """Skip unless the packaged model ``alias`` is installed (the ``models`` extra)."""
     return pytest.mark.skipif(not zoo.PACKAGED[alias].installed(), reason=f"run `{zoo.PACKAGED[alias].install}`")
-
-
-def run_cli(*args: str) -> int:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, "argv", ["headscope", *args])
-        try:
-            main()
-        except SystemExit as done:
-            return 0 if done.code is None else int(done.code)
-    return 0
 
 
 @pytest.fixture(scope="module")

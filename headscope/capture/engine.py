@@ -16,7 +16,7 @@ Gates are forward pre-hooks on each attention module's output projection.
 from __future__ import annotations
 
 import contextlib
-import contextvars
+import functools
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,11 +34,14 @@ from headscope.errors import HeadscopeError
 
 IMPLEMENTATION = "headscope"
 DEFAULT_BUDGET_BYTES = 256 * 2**20
+# On a CPU, chunks that stay near the caches run faster than large ones; an accelerator wants large ones.
+CPU_CHUNK_BYTES = 16 * 2**20
 # Per query row, the chunk holds about this many float32 copies of (heads x keys): logits, exp, probs.
 _COPIES_PER_ROW = 3
 _MIN_CHUNKS, _MIN_ROWS = 8, 64
 
-_SESSION: contextvars.ContextVar[_Session | None] = contextvars.ContextVar("headscope_session", default=None)
+# The active capture, process-wide: a forward run in another thread (a streamer's generate) is captured too.
+_ACTIVE: list[_Session] = []
 
 
 @dataclass
@@ -59,7 +62,7 @@ class _Session:
     chunk_size: int | None
     budget_bytes: int
     call: int = 0
-    validity_cache: dict[tuple, _Validity] = field(default_factory=dict)
+    validity_cache: dict[tuple, tuple[torch.Tensor | None, _Validity]] = field(default_factory=dict)
     query_valid: dict[str, torch.Tensor] = field(default_factory=dict)
     # Per self-attention site across calls: tokens of the sequence so far, and each example's first real
     # token (absolute), to place the keys of a sliding-window cache that has dropped its oldest keys.
@@ -69,12 +72,18 @@ class _Session:
     def reducers_for(self, stack: str) -> list[Reducer]:
         return [r for r in self.reducers if r.wants(stack)]
 
-    def rows_per_chunk(self, batch: int, heads: int, keys: int, skips_keys: bool) -> int:
+    def tracks_queries(self, stack: str) -> bool:
+        """Whether a stack no reducer reads still needs its real-token queries: for gates that read z,
+        and for the decoder, whose queries are the cross-attention's."""
+        return any(g.stack == stack for g in self.gates) or (stack == "decoder" and bool(self.reducers_for("cross")))
+
+    def rows_per_chunk(self, batch: int, heads: int, keys: int, skips_keys: bool, device: torch.device) -> int:
         """Queries per chunk: the fixed ``chunk_size``, else what fits the budget; when later keys can be
         skipped (causal), at least ``_MIN_CHUNKS`` chunks so that little of the hidden triangle is computed."""
         if self.chunk_size is not None:
             return self.chunk_size
-        rows = max(1, self.budget_bytes // (batch * heads * keys * 4 * _COPIES_PER_ROW))
+        budget = min(self.budget_bytes, CPU_CHUNK_BYTES) if device.type == "cpu" else self.budget_bytes
+        rows = max(1, budget // (batch * heads * keys * 4 * _COPIES_PER_ROW))
         if skips_keys:
             rows = min(rows, max(_MIN_ROWS, -(-keys // _MIN_CHUNKS)))
         return rows
@@ -115,7 +124,7 @@ class Scope:
         On exit, also on an exception, the model is as before: attention implementation restored and no
         hook left.
         """
-        if _SESSION.get() is not None:
+        if _ACTIVE:
             raise HeadscopeError("a capture is already active: finish it before opening another")
         unknown = {g.stack for g in gates} - set(self.stacks)
         if unknown:
@@ -124,16 +133,16 @@ class Scope:
             reducer.bind(self.stacks)
         session = _Session(self.adapter, self.adapter.by_module(), list(reducers), list(gates), chunk_size,
                            budget_bytes)
-        token = _SESSION.set(session)
+        _ACTIVE.append(session)
         try:
             with contextlib.ExitStack() as stack:
-                if reducers:
+                if reducers or (gates and self.adapter.routes_through_interface):
                     stack.enter_context(self._attention_switched(session))
                 stack.enter_context(self._gate_hooks(session))
                 stack.enter_context(self._call_counter(session))
                 yield self
         finally:
-            _SESSION.reset(token)
+            _ACTIVE.clear()
 
     def hidden_states(self, **inputs) -> tuple[torch.Tensor, ...]:
         """Each layer's residual stream, through the model's own ``output_hidden_states``."""
@@ -236,11 +245,15 @@ def headscope_attention(
 
     Shapes: query (B, H, Tq, D), key and value (B, H_kv, Tk, D); returns (B, Tq, H, D).
     """
-    session = _SESSION.get()
+    session = _ACTIVE[0] if _ACTIVE else None
     site = session.sites.get(id(module)) if session is not None else None
     reducers = session.reducers_for(site.stack) if site is not None else []
     needs_eager = kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
     if not reducers and not needs_eager:
+        if site is not None and session.tracks_queries(site.stack):  # padding, for gates and cross-attention
+            n_keys = key.shape[2]
+            mask = attention_mask[..., :n_keys] if attention_mask is not None else None
+            _validity(session, site, mask, query.shape[0], query.shape[2], n_keys, False, query.device)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     return _chunked_attention(session, site, reducers, module, query, key, value, attention_mask, **kwargs)
 
@@ -275,7 +288,8 @@ def _chunked_attention(
     cross = site is not None and site.stack.startswith("cross")
     validity = _validity(session, site, mask, batch, n_queries, n_keys, cross, query.device) if reducers else None
 
-    rows = session.rows_per_chunk(batch, heads, n_keys, causal or mask is not None) if session else n_queries
+    rows = (session.rows_per_chunk(batch, heads, n_keys, causal or mask is not None, query.device) if session
+            else n_queries)
     # Scaling the queries instead of the scores saves a pass over (queries x keys); equal to float rounding.
     grouped_queries = (query * scaling).reshape(batch, kv_heads, group, n_queries, head_dim)
     output = query.new_empty(batch, kv_heads, group, n_queries, value.shape[-1])
@@ -297,16 +311,20 @@ def _chunked_attention(
                 scores.masked_fill_(~chunk_mask, lowest)
             else:
                 scores = (scores + chunk_mask.float()).clamp_min_(lowest)
-        elif causal and visible > start + offset + 1:  # keys after the chunk's first query are hidden from it
-            hidden = torch.arange(visible, device=scores.device)[None, :] > torch.arange(
-                start, stop, device=scores.device)[:, None] + offset
-            scores.masked_fill_(hidden, lowest)
+        elif causal and visible > start + offset + 1:
+            # Only the chunk's last keys are hidden from some of its queries: query r sees up to key
+            # start + offset + r, so mask the upper triangle of that (width x width) corner alone.
+            corner = scores[..., start + offset + 1:]
+            corner.masked_fill_(_upper_triangle(width, corner.shape[-1], scores.device), lowest)
+        shifted = s_aux is None and any(r.needs_logits for r in reducers)
+        if shifted:  # each row's max at 0: the same softmax, and logits a reducer can sum in float32
+            scores.sub_(scores.amax(dim=-1, keepdim=True))
         probs = _softmax(scores, s_aux)
         if reducers:
             chunk = Chunk(
                 site=site,
                 probs=probs,
-                logits=scores if s_aux is None else None,
+                logits=scores if shifted else None,
                 query_index=torch.arange(start, stop, device=probs.device),
                 query_position=None if cross else torch.arange(start, stop, device=probs.device) + offset,
                 query_valid=validity.query_valid[:, start:stop],
@@ -322,6 +340,12 @@ def _chunked_attention(
         out = torch.matmul(weights.view(batch, kv_heads, group * width, visible), value[:, :, :visible])
         output[:, :, :, start:stop] = out.view(batch, kv_heads, group, width, -1)
     return output.view(batch, heads, n_queries, -1).transpose(1, 2).contiguous(), None
+
+
+@functools.cache
+def _upper_triangle(rows: int, columns: int, device: torch.device) -> torch.Tensor:
+    """(rows, columns) bool, True where column >= row."""
+    return torch.ones(rows, columns, dtype=torch.bool, device=device).triu()
 
 
 def _softmax(scores: torch.Tensor, s_aux: torch.Tensor | None) -> torch.Tensor:
@@ -369,9 +393,11 @@ def _validity(
     attend to its own position (padding queries may not). Cross-attention queries take the validity of
     the decoder's self-attention in the same call.
     """
-    cache_key = (mask.data_ptr() if mask is not None else None, batch, n_queries, n_keys, cross)
-    if cache_key in session.validity_cache:
-        validity = session.validity_cache[cache_key]
+    # Keyed by the mask object itself (kept alive in the entry, so its id cannot be reused meanwhile).
+    cache_key = (id(mask), batch, n_queries, n_keys, cross)
+    cached = session.validity_cache.get(cache_key)
+    if cached is not None and cached[0] is mask:
+        validity = cached[1]
     else:
         if mask is None:
             key_valid = torch.ones(batch, n_keys, dtype=torch.bool, device=device)
@@ -387,7 +413,7 @@ def _validity(
                 query_valid = allowed.gather(2, own[None, :, None].expand(batch, -1, 1))[..., 0]
         key_start = key_valid.int().argmax(dim=1)
         validity = _Validity(query_valid, key_valid, key_start)
-        session.validity_cache[cache_key] = validity
+        session.validity_cache[cache_key] = (mask, validity)
     if cross:
         decoder = session.query_valid.get("decoder")
         if decoder is not None and decoder.shape == (batch, n_queries):

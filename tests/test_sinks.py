@@ -1,0 +1,428 @@
+"""The ``sinks`` analysis: every map equals a plain computation from eager attention, a planted sink head is
+found and a planted uniform head is not, cross-attention filtering renormalises over content tokens, and the
+command line runs it. The ``slow`` tests measure the packaged models and print their numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import reference as ref
+import tiny_models as tm
+import torch
+from cli_runner import run_cli
+from conftest import BOS, EOS, PAD, save_tiny
+
+import headscope
+from headscope.analyses import sinks
+from headscope.capture.engine import Scope
+from headscope.capture.reducers import (
+    Entropy,
+    FilteredEntropy,
+    KeyMass,
+    KeyReceived,
+    ResidualMass,
+    SinkMass,
+    renormalised,
+)
+from headscope.models import zoo
+from headscope.probes.text import prose
+from headscope.registry import Context
+from headscope.results import Results
+from headscope.runner import RunOptions, analyze
+
+ATOL = 1e-5
+SINK_HEAD, UNIFORM_HEAD, MARK = 0, 1, 0  # planted heads of layer 0; MARK: the hidden dimension that flags position 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with tm.one_thread():
+        yield
+
+
+# --- reducers against eager attention ---------------------------------------------------------------------------
+
+
+def tiny_gpt_oss() -> torch.nn.Module:
+    """A tiny GPT-OSS: a learned sink logit per head (``sinks``), so attention rows sum below 1."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(9)
+    config = GptOssConfig(vocab_size=tm.VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2,
+                          num_experts_per_tok=1, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                          max_position_embeddings=64, rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+                          pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+    model = tm.sharpen(GptOssForCausalLM(config), 9)
+    with torch.no_grad():
+        for index, layer in enumerate(model.model.layers):
+            layer.self_attn.sinks.copy_(torch.tensor([2.0, -1.0, 0.5, 3.0]) + index)
+    return model
+
+
+@functools.cache
+def _model(name: str) -> tuple[torch.nn.Module, str]:
+    if name == "gpt_oss":
+        return tiny_gpt_oss(), "decoder"
+    tiny = tm.get(name)
+    return tiny.model, tiny.kind
+
+
+def _windows(name: str, layers: int) -> list[int | None]:
+    if name == "gemma3":
+        return [4, None, 4]
+    if name == "gpt_oss":
+        return [4, None]
+    return [None] * layers
+
+
+CASES = [("llama", 2, "left", 3), ("gemma3", 2, "left", 3), ("gemma3", 1, None, None), ("bert", 2, "right", 3),
+         ("t5", 2, "right", 3), ("gpt_oss", 2, "left", None)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
+def test_sink_reducers_equal_eager_attention(case) -> None:
+    name, batch, padding, chunk = case
+    model, kind = _model(name)
+    inputs = tm.get("llama" if name == "gpt_oss" else name).inputs(batch, padding)
+    calls = ref.forward_attention(ref.eager_copy(model), kind, inputs)
+    scope = Scope(model)
+    mass, first_four, score = SinkMass(), SinkMass(positions=(0, 1, 2, 3)), SinkMass(exclude_own=False)
+    residual, received = ResidualMass(), KeyReceived()
+    with torch.no_grad(), scope.capture(mass, first_four, score, residual, received, chunk_size=chunk):
+        model(**inputs)
+
+    for stack, call in calls.items():
+        causal = stack in ("self", "decoder") and kind != "encoder"
+        windows = _windows(name, len(call))
+        expected = {
+            "mass": ref.sink_mass([call], causal=causal, windows=windows),
+            "first_four": ref.sink_mass([call], positions=(0, 1, 2, 3), causal=causal, windows=windows),
+            "score": ref.sink_mass([call], exclude_own=False, causal=causal, windows=windows),
+            "residual": ref.residual_mass([call]),
+        }
+        got = {"mass": mass, "first_four": first_four, "score": score, "residual": residual}
+        for key, values in expected.items():
+            np.testing.assert_allclose(got[key].result()[stack], values, rtol=0, atol=ATOL, err_msg=f"{stack} {key}")
+        for layer, table in ref.received([call], causal=causal, windows=windows).items():
+            mine = received.result()[(stack, layer)][0]
+            np.testing.assert_allclose(mine[:, : table.shape[1]], table, rtol=0, atol=ATOL, err_msg=f"{stack} {layer}")
+    if name == "gpt_oss":  # the learned sink withholds mass: clearly nonzero, head by head
+        assert residual.result()["self"].min() > 0.01
+    if name == "gemma3":  # the sliding window hides the first token from later queries; they are left out
+        every_query = KeyMass(exclude_own=False)
+        with torch.no_grad(), scope.capture(every_query):
+            model(**inputs)
+        assert not np.allclose(score.result()["self"], every_query.result()["self"])
+
+
+def test_sink_reducers_equal_eager_attention_while_decoding() -> None:
+    """Greedy decoding with a sliding-window KV cache: each step's query counts, within its window."""
+    model, _ = _model("gemma3")
+    inputs = tm.get("gemma3").inputs(1, None)
+    score, received = SinkMass(exclude_own=False), KeyReceived()
+    with torch.no_grad(), Scope(model).capture(score, received):
+        sequences = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    calls = ref.decoding_attention(ref.eager_copy(model), "decoder", inputs, sequences)["self"]
+
+    np.testing.assert_allclose(score.result()["self"], ref.sink_mass(calls, exclude_own=False, windows=[4, None, 4]),
+                               rtol=0, atol=ATOL)
+    for layer, table in ref.received(calls, windows=[4, None, 4]).items():
+        np.testing.assert_allclose(received.result()[("self", layer)][0][:, : table.shape[1]], table, rtol=0, atol=ATOL)
+
+
+def test_cross_attention_noncontent_mass_and_filtered_entropy_equal_eager() -> None:
+    model, kind = _model("t5")
+    inputs = tm.get("t5").inputs(2, "right")
+    calls = ref.forward_attention(ref.eager_copy(model), kind, inputs)
+    exclude = torch.rand(2, inputs["input_ids"].shape[1], generator=torch.Generator().manual_seed(4)) < 0.3
+    raw, entropy, filtered = KeyMass(key_mask=exclude, exclude_own=False, stacks=["cross"]), Entropy(["cross"]), \
+        FilteredEntropy(exclude, stacks=["cross"])
+    # a reducer on every stack, as the analysis has: the engine reads which decoder queries are padding from
+    # the decoder's self-attention, which it computes itself only when some reducer wants that stack
+    with torch.no_grad(), Scope(model).capture(raw, entropy, filtered, SinkMass(), chunk_size=3):
+        model(**inputs)
+
+    cross = [calls["cross"]]
+    np.testing.assert_allclose(raw.result()["cross"], ref.key_mass(cross, key_mask=exclude, exclude_own=False),
+                               rtol=0, atol=ATOL)
+    np.testing.assert_allclose(entropy.result()["cross"], ref.entropy(cross), rtol=0, atol=ATOL)
+    np.testing.assert_allclose(filtered.result()["cross"], ref.filtered_entropy(cross, exclude), rtol=0, atol=ATOL)
+    assert set(filtered.result()) == {"cross"}
+
+
+def test_filtering_renormalises_each_cross_attention_row_over_content_tokens() -> None:
+    model, kind = _model("t5")
+    inputs = tm.get("t5").inputs(2, "right")
+    probs = ref.forward_attention(ref.eager_copy(model), kind, inputs)["cross"][1].probs  # (B, H, Tq, S)
+    keep = torch.rand(2, probs.shape[-1], generator=torch.Generator().manual_seed(5)) > 0.3
+    keep &= inputs["attention_mask"].bool()
+    filtered = renormalised(probs, keep)
+
+    np.testing.assert_allclose(filtered.sum(-1).numpy(), 1.0, rtol=0, atol=1e-12)
+    assert (filtered[~keep[:, None, None, :].expand_as(filtered)] == 0).all()
+    content = probs * keep[:, None, None, :]
+    np.testing.assert_allclose(filtered.numpy(), (content / content.sum(-1, keepdim=True)).numpy(), rtol=1e-12)
+    assert (probs.sum(-1) - content.sum(-1)).max() > 0.1  # the raw rows did put mass on the left-out tokens
+
+
+# --- the analysis on saved tiny models --------------------------------------------------------------------------
+
+
+def planted_gpt2(vocab: int) -> torch.nn.Module:
+    """A tiny GPT-2 whose layer-0 head 0 attends to position 0 and head 1 attends uniformly.
+
+    Position 0's embedding alone holds a large value in hidden dimension MARK (every token embedding and
+    every other position embedding hold 0 there), so after the layer norm only position 0 stands out in
+    MARK. Head 0's query is a constant (its bias) and its key reads MARK alone: its score for position 0
+    exceeds every other by about 30, so it puts all its attention there. Head 1's query is 0: equal scores,
+    uniform attention over the visible keys.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(3)
+    config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=BOS,
+                        eos_token_id=EOS, pad_token_id=PAD)
+    model = tm.sharpen(GPT2LMHeadModel(config), 3)
+    width, head_dim = 32, 8
+    with torch.no_grad():
+        model.transformer.wte.weight[:, MARK] = 0
+        model.transformer.wpe.weight[:, MARK] = 0
+        model.transformer.wpe.weight[0, MARK] = 10
+        qkv = model.transformer.h[0].attn.c_attn  # Conv1D, weight (in, 3 * width): query | key | value
+        for head in (SINK_HEAD, UNIFORM_HEAD):
+            for part in (0, width):
+                columns = slice(part + head * head_dim, part + (head + 1) * head_dim)
+                qkv.weight[:, columns] = 0
+                qkv.bias[columns] = 0
+        qkv.bias[SINK_HEAD * head_dim] = 4.0
+        qkv.weight[MARK, width + SINK_HEAD * head_dim] = 4.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def planted_dir(tmp_path_factory, tokenizer) -> Path:
+    return save_tiny(planted_gpt2(len(tokenizer)), tmp_path_factory.mktemp("planted-gpt2"))
+
+
+def run_sinks(folder: Path, **params) -> headscope.AnalysisResult:
+    loaded = headscope.load(str(folder))
+    return sinks.run(Context(loaded, Scope(loaded.model), params=params))
+
+
+def test_planted_sink_head_is_found_and_uniform_head_is_not(planted_dir: Path) -> None:
+    result = run_sinks(planted_dir)
+    score, mass = result.map("sink_score", "self").values, result.map("sink_mass", "self").values
+    tokens = 64
+    harmonic = sum(1 / (t + 1) for t in range(tokens))  # uniform attention gives query t 1/(t+1) on the first token
+    print(f"\nplanted sink head: score {score[0, SINK_HEAD]:.4f}, uniform head: score {score[0, UNIFORM_HEAD]:.4f}")
+
+    assert result.top_heads("sink_score", k=1, stack="self")[0][:2] == (0, SINK_HEAD)
+    assert result.top_heads("sink_mass", k=1, stack="self")[0][:2] == (0, SINK_HEAD)
+    assert score[0, SINK_HEAD] > 0.99 and mass[0, SINK_HEAD] > 0.99
+    assert score[0, UNIFORM_HEAD] == pytest.approx(harmonic / tokens, abs=ATOL)
+    assert mass[0, UNIFORM_HEAD] == pytest.approx((harmonic - 1) / (tokens - 1), abs=ATOL)
+    assert score[0, UNIFORM_HEAD] < result.params["eps"]
+    assert "0.0=" in result.summary["top_sink_heads_self"][0]
+    found = result.tables["sink_tokens"]
+    assert ((found["layer"] == 0) & (found["position"] == 0) & (found["token"] == "<s>")).any()
+
+
+def test_sink_mass_on_detected_sink_tokens_equals_eager(planted_dir: Path, tokenizer) -> None:
+    result = run_sinks(planted_dir, sink_positions="detected")
+    positions = tuple(int(item.split()[0]) for item in result.summary["sink_set_self"])
+    model = headscope.load(str(planted_dir)).model
+    inputs = tokenizer(prose(), return_tensors="pt")
+    inputs = {name: tensor[:, :64] for name, tensor in inputs.items()}
+    calls = ref.forward_attention(ref.eager_copy(model), "decoder", inputs)
+
+    assert 0 in positions and result.params["sink_positions"] == "detected"
+    np.testing.assert_allclose(result.map("sink_mass", "self").values, ref.sink_mass([calls["self"]], positions),
+                               rtol=0, atol=ATOL)
+
+
+def test_analysis_maps_and_tables_equal_eager_attention(tiny_llama_dir: Path) -> None:
+    """One forward pass of the prose, cut to the tiny model's 64 positions, measured by transformers alone."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result = run_sinks(tiny_llama_dir, massive_threshold=1.0, massive_ratio=2.0, token_threshold=0.05)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    model.set_attn_implementation("eager")
+    ids = AutoTokenizer.from_pretrained(tiny_llama_dir)(prose(), return_tensors="pt")["input_ids"][:, :64]
+    with torch.no_grad():
+        out = model(ids, output_attentions=True, output_hidden_states=True)
+    score = np.stack([a[0, :, :, 0].double().mean(-1).numpy() for a in out.attentions])
+    mass = np.stack([a[0, :, 1:, 0].double().mean(-1).numpy() for a in out.attentions])
+    np.testing.assert_allclose(result.map("sink_score", "self").values, score, rtol=0, atol=ATOL)
+    np.testing.assert_allclose(result.map("sink_mass", "self").values, mass, rtol=0, atol=ATOL)
+    assert ("residual_mass", "self") not in result.maps and "none" in result.summary["residual_mass"]
+
+    # attention received by each position: mean over heads and the later queries, then over layers
+    received = np.stack([np.array([a[0, :, s + 1:, s].double().mean().item() if s < 63 else np.nan
+                                   for s in range(64)]) for a in out.attentions])
+    judged = np.array([63 - s >= 8 for s in range(64)])  # min_queries = 8
+    by_position = result.tables["attention_by_position"]
+    np.testing.assert_allclose(by_position["received"].to_numpy(), np.where(judged, received.mean(0), np.nan),
+                               rtol=0, atol=ATOL)
+    sink_rows = result.tables["sink_tokens"]
+    expected = {(layer, s) for layer in range(2) for s in range(64) if judged[s] and received[layer, s] > 0.05}
+    assert set(zip(sink_rows["layer"], sink_rows["position"], strict=True)) == expected
+
+    # massive activations: per layer output, the largest |x| and its ratio to the layer's median |x|
+    table = result.tables["massive_activations"]
+    for layer, state in enumerate(out.hidden_states[1:]):
+        x = state[0].abs().numpy()
+        rows = table[table["layer"] == layer]
+        top = rows.iloc[0]
+        assert (top["position"], top["dimension"]) == np.unravel_index(x.argmax(), x.shape)
+        assert top["ratio"] == pytest.approx(x.max() / np.median(x), rel=1e-5)
+        massive = (x > 1.0) & (x / np.median(x) > 2.0)
+        assert rows["massive"].sum() == min(int(massive.sum()), sinks.MAX_TABLE_ROWS_PER_LAYER)
+
+
+def test_gu_protocol_measures_each_paragraph_in_one_prefill(tiny_llama_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    eps = 0.1
+    result = run_sinks(tiny_llama_dir, protocol="gu", eps=eps)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    model.set_attn_implementation("eager")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    alphas = []
+    for paragraph in prose().split("\n\n"):
+        ids = tokenizer(paragraph, return_tensors="pt")["input_ids"][:, :64]
+        with torch.no_grad():
+            alphas.append(np.stack([a[0, :, :, 0].double().mean(-1).numpy()
+                                    for a in model(ids, output_attentions=True).attentions]))
+    print(f"\ntiny llama, Gu protocol: sink rate at eps {eps}: {result.summary['sink_rate_self']}")
+
+    assert result.summary["passes"] == 7 and max(result.summary["tokens"]) == 64
+    rate = 100 * np.mean([(alpha > eps).mean() for alpha in alphas])
+    assert result.summary["sink_rate_self"] == pytest.approx(rate, abs=0.01)
+    np.testing.assert_allclose(result.map("sink_score", "self").values, np.mean(alphas, axis=0), rtol=0, atol=ATOL)
+
+
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny T5 with as many decoder layers as encoder layers: transformers 5's ``generate`` sizes the
+    decoder's cache from the encoder's layer count, so the shared ``tiny_t5_dir`` (2 and 3) cannot decode."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(2)
+    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                      decoder_start_token_id=PAD, pad_token_id=PAD, eos_token_id=EOS)
+    return save_tiny(tm.sharpen(T5ForConditionalGeneration(config), 2), tmp_path_factory.mktemp("tiny-t5-decode"))
+
+
+def test_encoder_decoder_with_text_source_reports_noncontent_tokens(t5_dir: Path) -> None:
+    result = run_sinks(t5_dir, max_new_tokens=4)
+    source = result.tables["source_tokens"]
+
+    assert {stack for _, stack in result.maps} == {"encoder", "decoder", "cross"}
+    assert {"noncontent_mass", "entropy", "filtered_entropy"} <= set(result.metrics())
+    assert source.loc[source["token"] == "<s>", "reason"].eq("special").all()
+    assert source.loc[source["token"].isin([".", ","]), "reason"].eq("punctuation").all()
+    assert source.loc[source["token"].str.strip().str.isalpha(), "non_content"].eq(False).all()
+    assert 0 < result.summary["noncontent_share_cross"] < 1
+    decoder = result.tables["attention_by_position"].query("stack == 'decoder'")
+    assert decoder["token"].iloc[0] == "<pad>"  # T5 starts decoding from its pad token: positions line up
+
+
+def test_bad_parameter_is_one_clear_error(tiny_llama_dir: Path) -> None:
+    with pytest.raises(headscope.HeadscopeError, match="unknown sinks parameter"):
+        run_sinks(tiny_llama_dir, threshold=0.2)
+    with pytest.raises(headscope.HeadscopeError, match="protocol"):
+        run_sinks(tiny_llama_dir, protocol="streaming")
+
+
+def test_cli_writes_sinks_results_and_figures(tmp_path: Path, planted_dir: Path) -> None:
+    code = run_cli("analyze", str(planted_dir), "--analyses", "sinks", "--out", str(tmp_path), "--figures", "html",
+                   "-q")
+
+    assert code == 0
+    result = Results.load(tmp_path / "results.json")["sinks"]
+    assert result.status == "ok" and result.summary["sink_rate_self"] > 0
+    figures = tmp_path / "figures"
+    for name in ("sink_mass-self", "sink_score-self", "profile", "where-self"):
+        assert (figures / f"sinks-{name}.html").is_file()
+    page = (figures / "sinks-where-self.html").read_text(encoding="utf-8")
+    assert "&lt;s&gt;" in page  # token text is escaped for the hover labels
+    json.dumps(result.summary)
+
+
+# --- the packaged models -------------------------------------------------------------------------------------------
+
+
+def needs(alias: str) -> pytest.MarkDecorator:
+    return pytest.mark.skipif(not zoo.PACKAGED[alias].installed(), reason=f"run `{zoo.PACKAGED[alias].install}`")
+
+
+def _report(alias: str, result) -> None:
+    summary = result.summary
+    rates = {key: value for key, value in summary.items() if key.startswith(("sink_rate", "top_sink", "sink_tokens"))}
+    print(f"\n{alias}: {result.seconds:.1f} s, tokens {summary['tokens']}, {json.dumps(rates)}")
+    print(f"{alias}: massive activations {summary['massive_activations']}, top {summary.get('top_activation')}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("alias", ["smollm2-135m", "gemma3-270m"])
+def test_decoders_send_most_attention_to_the_first_token_in_middle_layers(alias: str, tmp_path: Path) -> None:
+    if not zoo.PACKAGED[alias].installed():
+        pytest.skip(f"run `{zoo.PACKAGED[alias].install}`")
+    started = time.perf_counter()
+    results = analyze(RunOptions(model=alias, analyses=["sinks"], out=tmp_path, figures=()))
+    result = results["sinks"]
+    _report(alias, result)
+    gu = run_sinks_alias(alias, protocol="gu")
+    print(f"{alias}: Gu protocol sink rate {gu.summary['sink_rate_self']} (prose: {result.summary['sink_rate_self']}); "
+          f"wall {time.perf_counter() - started:.1f} s")
+    mass = result.map("sink_mass", "self").values
+    layers = mass.shape[0]
+    middle = float(np.nanmean(mass[layers // 3: 2 * layers // 3 + 1]))
+    print(f"{alias}: mean first-token mass in the middle third of layers: {middle:.3f}")
+
+    by_position = result.tables["attention_by_position"]
+    assert result.status == "ok"
+    assert 0 < result.summary["sink_rate_self"] <= 100 and 0 < gu.summary["sink_rate_self"] <= 100
+    assert middle > 0.2  # measured: SmolLM2 0.36, Gemma 3 0.29
+    assert by_position.loc[by_position["received"].idxmax(), "position"] == 0  # the first token takes the most
+
+
+def run_sinks_alias(alias: str, **params):
+    loaded = headscope.load(alias)
+    return sinks.run(Context(loaded, Scope(loaded.model), params=params))
+
+
+@pytest.mark.slow
+@needs("minilm-l6")
+def test_minilm_encoder_sinks(tmp_path: Path) -> None:
+    result = analyze(RunOptions(model="minilm-l6", analyses=["sinks"], out=tmp_path, figures=()))["sinks"]
+    _report("minilm-l6", result)
+
+    assert result.status == "ok"
+    assert result.map("sink_score", "self").values.shape == (6, 12)
+
+
+@pytest.mark.slow
+@needs("whisper-tiny.en")
+def test_whisper_sinks_on_three_stacks_from_the_command_line(tmp_path: Path) -> None:
+    started = time.perf_counter()
+    code = run_cli("analyze", "whisper-tiny.en", "--analyses", "sinks", "--out", str(tmp_path), "--figures", "none",
+                   "-q")
+    print(f"\nheadscope analyze whisper-tiny.en --analyses sinks: {time.perf_counter() - started:.1f} s")
+
+    assert code == 0
+    result = Results.load(tmp_path / "results.json")["sinks"]
+    _report("whisper-tiny.en", result)
+    assert {stack for _, stack in result.maps} == {"encoder", "decoder", "cross"}
+    assert result.summary["cross_noncontent"] == sinks.NO_SOURCE_TOKENS
+    decoder = result.tables["attention_by_position"].query("stack == 'decoder'")
+    assert decoder["token"].iloc[0] == "<|startoftranscript|>"  # the start tokens generate() leaves out count
+    assert all(f"sink_rate_{stack}" in result.summary for stack in ("encoder", "decoder", "cross"))
