@@ -6,6 +6,7 @@ traceback; exit code 1 when an analysis failed (the others' results are still wr
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -47,6 +48,9 @@ def analyze(
         "--trust-remote-code", help="allow the model repository's own Python code to run")] = False,
     allow_pickle: Annotated[bool, typer.Option(
         "--allow-pickle", help="accept pickle checkpoints (they can run code when loaded)")] = False,
+    settings: Annotated[list[str] | None, typer.Option(
+        "--set", help="an analysis parameter, ANALYSIS.NAME=VALUE (VALUE read as JSON, else text); repeatable, "
+        "e.g. --set sinks.protocol=gu --set patterns.length=64")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress or tables, for scripts")] = False,
 ) -> None:
     """Run the analyses that fit MODEL; write results.json and figures into --out."""
@@ -66,6 +70,7 @@ def analyze(
         figures=_figure_formats(figures),
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
+        params=_parameters(settings or []),
     )
     if quiet:
         results = run(options)
@@ -95,6 +100,22 @@ def models() -> None:
         table.add_row(alias + (" (default)" if alias == DEFAULT_ALIAS else ""), "yes" if model.installed() else "no",
                       model.kind, model.layers_heads, f"{model.size_mb} MB", model.licence, model.install)
     Console().print(table)
+
+
+def _parameters(settings: list[str]) -> dict[str, dict[str, object]]:
+    """``["sinks.protocol=gu", ...]`` -> ``{"sinks": {"protocol": "gu"}}``; values parsed as JSON when they are."""
+    params: dict[str, dict[str, object]] = {}
+    for setting in settings:
+        name, equals, raw = setting.partition("=")
+        analysis, dot, key = name.partition(".")
+        if not equals or not dot or not analysis or not key:
+            raise HeadscopeError(f"--set takes ANALYSIS.NAME=VALUE, got '{setting}' (e.g. --set sinks.protocol=gu)")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        params.setdefault(analysis, {})[key] = value
+    return params
 
 
 def _figure_formats(spec: str) -> tuple[str, ...]:

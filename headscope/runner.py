@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,6 +44,7 @@ class RunOptions:
     figures: tuple[str, ...] = ("html", *plotting.STATIC_FORMATS)
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -56,13 +58,18 @@ def analyze(options: RunOptions, progress: Callable[[str], None] = lambda messag
     loaded = load(options.model, dtype=options.dtype, device=options.device,
                   trust_remote_code=options.trust_remote_code, allow_pickle=options.allow_pickle)
     chosen = select(options.analyses, loaded.info.kind)
+    unknown = sorted(set(options.params) - {analysis.name for analysis in chosen})
+    if unknown:
+        raise HeadscopeError(f"--set names analysis '{unknown[0]}', which is not being run: choose from "
+                             f"{', '.join(a.name for a in chosen)}")
     probe = probe_inputs.build(loaded, options.text, options.input_path, options.max_tokens)  # bad input fails here
     results = Results(provenance=provenance(loaded, options, probe.digest))
     scope = Scope(loaded.model)
     for analysis in chosen:
         progress(f"running {analysis.name}")
         torch.manual_seed(options.seed)
-        context = Context(loaded, scope, options.text, options.input_path, options.max_tokens, options.seed)
+        context = Context(loaded, scope, options.text, options.input_path, options.max_tokens, options.seed,
+                          params=dict(options.params.get(analysis.name, {})))
         results.add(_run_one(analysis, context))
         results.save(out / "results.json")
     progress("writing figures")

@@ -146,6 +146,9 @@ BAD_INPUTS: list[tuple[str, Callable[[Path, Path], list[str]], str]] = [
     ("text-and-input", lambda t, m: [str(m), "--text", "hi", "--input", _file(t, "in.txt", "hi")],
      "either --text or --input, not both"),
     ("unknown-figure-format", lambda t, m: [str(m), "--figures", "html,gif"], "unknown figure format 'gif'"),
+    ("malformed-set", lambda t, m: [str(m), "--set", "sinks:protocol"], "--set takes ANALYSIS.NAME=VALUE"),
+    ("set-for-an-analysis-not-run", lambda t, m: [str(m), "--analyses", "summary", "--set", "sinks.protocol=gu"],
+     "--set names analysis 'sinks', which is not being run"),
 ]
 
 
@@ -295,3 +298,14 @@ def test_one_failing_analysis_exits_1_and_keeps_the_others(
     assert document["analyses"]["explodes"]["error"] == "RuntimeError: deliberate failure in a test analysis"
     assert document["analyses"]["summary"]["status"] == "ok"
     assert len(list((out / "figures").glob("summary-*.html"))) == 2
+
+
+def test_set_passes_parameters_to_the_analysis(tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture) -> None:
+    run = headscope(monkeypatch, capsys, "analyze", str(tiny_llama_dir), "--analyses", "patterns", "--set",
+                    "patterns.length=8", "--set", "patterns.samples=3", "--out", str(tmp_path), "--figures", "none",
+                    "-q")
+
+    assert run.code == 0, run.err
+    params = Results.load(tmp_path / "results.json")["patterns"].params
+    assert (params["length"], params["samples"]) == (8, 3)
