@@ -95,12 +95,6 @@ class Adapter:
     def by_module(self) -> dict[int, Site]:
         return {id(s.module): s for s in self.sites}
 
-    def site(self, stack: str, layer: int) -> Site:
-        for s in self.sites:
-            if s.stack == stack and s.layer == layer:
-                return s
-        raise KeyError(f"no attention layer {layer} in stack '{stack}'")
-
 
 def _stack_rank(name: str) -> tuple[int, str]:
     base = name.split(":")[0]

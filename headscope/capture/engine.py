@@ -144,15 +144,6 @@ class Scope:
         finally:
             _ACTIVE.clear()
 
-    def hidden_states(self, **inputs) -> tuple[torch.Tensor, ...]:
-        """Each layer's residual stream, through the model's own ``output_hidden_states``."""
-        with torch.no_grad():
-            outputs = self.model(**inputs, output_hidden_states=True)
-        states = getattr(outputs, "hidden_states", None)
-        if states is None:
-            states = outputs.decoder_hidden_states
-        return tuple(states)
-
     @contextlib.contextmanager
     def _attention_switched(self, session: _Session) -> Iterator[None]:
         if not self.adapter.routes_through_interface:
