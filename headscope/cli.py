@@ -7,6 +7,7 @@ traceback; exit code 1 when an analysis failed (the others' results are still wr
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -87,6 +88,71 @@ def analyze(
         for name in failed:
             console.print(f"analysis {name} failed: {results[name].error}", highlight=False)
         raise typer.Exit(1)
+
+
+@app.command()
+def plot(
+    results_json: Annotated[Path, typer.Argument(help="a results.json written by headscope analyze")],
+    metric: Annotated[str, typer.Option(help="the map to draw, e.g. sink_score")],
+    analysis: Annotated[str | None, typer.Option(
+        help="the analysis holding the map (needed when several hold the metric)")] = None,
+    stack: Annotated[str | None, typer.Option(
+        help="the attention stack (needed when the metric exists for several)")] = None,
+    fmt: Annotated[str | None, typer.Option(
+        "--format", help="png, svg, pdf or html (default: --out's suffix, else pdf)")] = None,
+    width: Annotated[str, typer.Option(
+        help="column (3.5 in), page (7 in) or a width in inches")] = "column",
+    dpi: Annotated[int, typer.Option(help="dots per inch for PNG")] = 300,
+    out: Annotated[Path | None, typer.Option(
+        help="file to write (default: ANALYSIS-METRIC-STACK.FORMAT beside RESULTS_JSON)")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="do not print the path written")] = False,
+) -> None:
+    """Re-render one saved map of RESULTS_JSON as a figure for a paper, without rerunning the model."""
+    from headscope import plotting
+    from headscope.results import Results
+
+    results = Results.load(results_json)
+    name, head_map = _find_map(results, metric, analysis, stack)
+    fmt = (fmt or (out.suffix.lstrip(".") if out is not None and out.suffix else "pdf")).lower()
+    if fmt not in plotting.EXPORT_FORMATS:
+        raise HeadscopeError(f"unknown format '{fmt}': choose from {', '.join(plotting.EXPORT_FORMATS)}")
+    plotting.paper_width(width)  # refuse a bad width before any work
+    if out is None:
+        out = results_json.parent / (re.sub(r"[^\w.-]", "_", f"{name}-{metric}-{head_map.stack}") + f".{fmt}")
+    if not out.parent.is_dir():
+        raise HeadscopeError(f"cannot write {out}: folder {out.parent} does not exist")
+    figure = plotting.heatmap(head_map, f"{name}: {metric} ({head_map.stack})")
+    try:
+        plotting.export(figure, out, fmt, width=width, dpi=dpi)
+    except plotting.StaticExportError as error:
+        raise HeadscopeError(str(error)) from None
+    except OSError as error:
+        raise HeadscopeError(f"cannot write {out}: {error.strerror or error}") from None
+    if not quiet:
+        console.print(f"wrote {out}", highlight=False, soft_wrap=True)
+
+
+def _find_map(results, metric: str, analysis: str | None, stack: str | None):
+    """The analysis name and map that ``--metric``/``--analysis``/``--stack`` pick; one line naming the
+    available choices otherwise."""
+    if not len(results):
+        raise HeadscopeError("these results hold no analyses, so no maps to plot")
+    if analysis is not None and analysis not in results:
+        raise HeadscopeError(f"no analysis '{analysis}' in these results: choose from {', '.join(results)}")
+    names = [analysis] if analysis is not None else list(results)
+    holders = [name for name in names if metric in results[name].metrics()]
+    if not holders:
+        available = "; ".join(f"{name}: {', '.join(results[name].metrics()) or '(none)'}" for name in names)
+        raise HeadscopeError(f"no map '{metric}' in these results: the metrics are {available}")
+    if len(holders) > 1:
+        raise HeadscopeError(f"several analyses hold map '{metric}': pass --analysis, one of {', '.join(holders)}")
+    result = results[holders[0]]
+    stacks = [s for m, s in result.maps if m == metric]
+    if stack is None and len(stacks) > 1:
+        raise HeadscopeError(f"map '{metric}' exists for several stacks: pass --stack, one of {', '.join(stacks)}")
+    if stack is not None and stack not in stacks:
+        raise HeadscopeError(f"no stack '{stack}' for map '{metric}' in {holders[0]}: choose from {', '.join(stacks)}")
+    return holders[0], result.map(metric, stack)
 
 
 @app.command()

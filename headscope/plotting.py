@@ -1,20 +1,36 @@
 """Figures: layer x head heatmaps of per-head maps, saved as interactive HTML and static PNG/SVG/PDF.
 
+:func:`export` writes one figure for a paper: sized to a one-column (3.5 in) or two-column (7 in) width, or any
+width in inches, with font sizes in points that stay legible at that width; PNG at a chosen dpi, SVG and PDF
+at that physical size. Plotly lays figures out in CSS pixels, 96 to the inch, so a 3.5 in figure is 336
+pixels wide, a PNG at 300 dpi is 1050 pixels wide, and a PDF page is 252 points wide.
+
 Static export goes through kaleido, which drives a Chrome/Chromium found on the machine; when none is
 there, the interactive HTML is still written and the caller is told once why the static files are not.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
 
+from headscope.errors import HeadscopeError
 from headscope.results import HeadMap
 
 STATIC_FORMATS = ("png", "svg", "pdf")
+EXPORT_FORMATS = ("png", "svg", "pdf", "html")
+PIXELS_PER_INCH = 96  # plotly's layout unit is the CSS pixel
+POINTS_PER_INCH = 72
+WIDTHS = {"column": 3.5, "page": 7.0}
+"""Paper widths in inches: one column of a two-column paper, and the full page (two columns)."""
+FONT_POINTS = {"column": 8.0, "page": 9.0}
+"""Body font size in points at each preset width; titles are 1 pt larger. Other widths use the nearer preset's."""
+MAX_HEIGHT_INCHES = 9.0
+DEFAULT_DPI = 300
 # Perceptually uniform and readable in grayscale; signed metrics use a diverging scale centred at zero.
 SEQUENTIAL = "Viridis"
 DIVERGING = "RdBu"
@@ -41,7 +57,7 @@ def heatmap(head_map: HeadMap, title: str) -> go.Figure:
         )
     )
     figure.update_layout(
-        title=title,
+        title=_escape(title),
         xaxis_title="head",
         yaxis_title="layer",
         yaxis_autorange="reversed",
@@ -77,8 +93,95 @@ def save(figure: go.Figure, stem: Path, formats: Iterable[str] = ("html", *STATI
     return written
 
 
+def paper_width(width: str | float) -> float:
+    """``"column"`` (3.5 in), ``"page"`` (7 in) or a positive number of inches, as inches."""
+    if isinstance(width, str) and width.strip().lower() in WIDTHS:
+        return WIDTHS[width.strip().lower()]
+    try:
+        inches = float(width)
+    except (TypeError, ValueError):
+        inches = float("nan")
+    if not np.isfinite(inches) or not 0.5 <= inches <= 40:
+        raise HeadscopeError(f"width must be column, page or a number of inches from 0.5 to 40; got '{width}'")
+    return inches
+
+
+def for_paper(figure: go.Figure, width: str | float = "column", height: float | None = None) -> go.Figure:
+    """A copy of ``figure`` laid out ``width`` inches wide (``"column"``, ``"page"`` or inches) for a paper.
+
+    ``height`` in inches defaults to the figure's own aspect ratio (at most 9 in). Fonts are set in points
+    (8 pt at column width, 9 pt at page width), margins are tightened and colour bars thinned to fit.
+    """
+    inches = paper_width(width)
+    layout = figure.layout
+    ratio = (layout.height or 450) / (layout.width or 700)
+    tall = min(MAX_HEIGHT_INCHES, inches * ratio) if height is None else float(height)
+    if not np.isfinite(tall) or tall <= 0:
+        raise HeadscopeError(f"height must be a positive number of inches; got '{height}'")
+    points = FONT_POINTS["column" if inches < (WIDTHS["column"] + WIDTHS["page"]) / 2 else "page"]
+    pixels = PIXELS_PER_INCH / POINTS_PER_INCH  # CSS pixels per point
+    paper = go.Figure(figure)
+    paper.update_layout(
+        width=round(inches * PIXELS_PER_INCH),
+        height=round(tall * PIXELS_PER_INCH),
+        font_size=points * pixels,
+        title_font_size=(points + 1) * pixels,
+        title_x=0.5,
+        title_xanchor="center",
+        margin={"l": 8 + 5 * points, "r": 8, "t": 12 + 3 * points if layout.title.text else 8, "b": 8 + 4 * points},
+    )
+    paper.update_traces(colorbar={"thickness": 2 * points, "len": 1.0, "outlinewidth": 0},
+                        selector={"type": "heatmap"})
+    return paper
+
+
+def export(figure: go.Figure, path: Path, fmt: str | None = None, width: str | float = "column",
+           dpi: int = DEFAULT_DPI, height: float | None = None) -> Path:
+    """Write ``figure`` for a paper as ``path`` in ``fmt`` (default: ``path``'s suffix); returns ``path``.
+
+    The figure is laid out with :func:`for_paper`. PNG is ``inches x dpi`` pixels wide; SVG states its size
+    in inches (``width="3.5in"``, with a view box, so it scales cleanly); PDF's page is the figure's size;
+    HTML is one self-contained file (plotly.js inlined). Raises :class:`StaticExportError` when static export
+    is impossible on this machine.
+    """
+    path = Path(path)
+    fmt = (fmt or path.suffix.lstrip(".")).lower()
+    if fmt not in EXPORT_FORMATS:
+        raise HeadscopeError(f"unknown figure format '{fmt}': choose from {', '.join(EXPORT_FORMATS)}")
+    if not 10 <= dpi <= 2400:
+        raise HeadscopeError(f"dpi must be from 10 to 2400; got {dpi}")
+    paper = for_paper(figure, width, height)
+    if fmt == "html":
+        paper.write_html(path, include_plotlyjs=True, full_html=True)
+        return path
+    try:
+        if fmt == "svg":
+            path.write_text(_svg_in_inches(paper.to_image(format="svg").decode("utf-8")), encoding="utf-8")
+        else:
+            paper.write_image(path, format=fmt, scale=dpi / PIXELS_PER_INCH if fmt == "png" else 1)
+    except Exception as error:  # kaleido raises several types when no browser is found
+        raise StaticExportError(
+            f"static {fmt.upper()} export needs Chrome or Chromium for kaleido ({type(error).__name__}): "
+            "install Debian's `chromium` package (the set-up script does when run as root)"
+        ) from error
+    return path
+
+
 class StaticExportError(RuntimeError):
     """Static figure export is impossible on this machine (no browser for kaleido)."""
+
+
+def _svg_in_inches(svg: str) -> str:
+    """State the root ``<svg>``'s width and height in inches; its view box keeps the drawing's coordinates."""
+    root = re.match(r"<svg\b[^>]*>", svg)
+    if root is None or "viewBox=" not in root.group(0):
+        return svg
+
+    def inches(match: re.Match[str]) -> str:
+        return f' {match.group(1)}="{float(match.group(2)) / PIXELS_PER_INCH:g}in"'
+
+    tag = re.sub(r'\s(width|height)="([0-9.]+)"', inches, root.group(0), count=2)
+    return tag + svg[root.end():]
 
 
 def _escape(text: str) -> str:

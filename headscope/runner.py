@@ -1,4 +1,5 @@
-"""Running analyses end to end: load, capture, save results and figures as each analysis finishes.
+"""Running analyses end to end: load, capture, save results as each analysis finishes, then figures and
+``report.html``.
 
 One failing analysis records its error (status ``failed``) and the others still run; ``results.json`` is
 rewritten atomically after each analysis, so finished work is never lost.
@@ -16,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import plotly.graph_objects as go
 import torch
 
-from headscope import plotting
+from headscope import plotting, report
 from headscope._version import __version__
 from headscope.capture.engine import Scope
 from headscope.errors import HeadscopeError
@@ -49,7 +51,8 @@ class RunOptions:
 
 
 def analyze(options: RunOptions, progress: Callable[[str], None] = lambda message: None) -> Results:
-    """Run the analyses ``options`` asks for; write ``results.json`` and figures into ``options.out``."""
+    """Run the analyses ``options`` asks for; write ``results.json``, figures and ``report.html`` into
+    ``options.out``."""
     started = time.perf_counter()
     if options.text is not None and options.input_path is not None:
         raise HeadscopeError("give either --text or --input, not both")
@@ -73,9 +76,12 @@ def analyze(options: RunOptions, progress: Callable[[str], None] = lambda messag
         results.add(_run_one(analysis, context))
         results.save(out / "results.json")
     progress("writing figures")
-    write_figures(results, out, options)
+    figures = analysis_figures(results, options.notes)
+    write_figures(results, out, options, figures)
     results.provenance["wall_seconds"] = round(time.perf_counter() - started, 3)
     results.save(out / "results.json")
+    progress("writing report")
+    report.write(results, out / "report.html", figures)
     return results
 
 
@@ -91,14 +97,12 @@ def _run_one(analysis, context: Context) -> AnalysisResult:
                               seconds=time.perf_counter() - started)
 
 
-def write_figures(results: Results, out: Path, options: RunOptions) -> None:
-    """One heatmap per map and each analysis's own figures: interactive HTML, plus static formats where
-    this machine can make them."""
-    formats = list(options.figures)
-    if not formats:
-        return
-    folder = out / "figures"
-    folder.mkdir(exist_ok=True)
+def analysis_figures(results: Results, notes: list[str] | None = None) -> dict[str, dict[str, go.Figure]]:
+    """Each finished analysis's figures by name: one heatmap per map, then the analysis's own figures.
+
+    An analysis whose own figures fail keeps its heatmaps (and its results); the failure goes to ``notes``.
+    """
+    out: dict[str, dict[str, go.Figure]] = {}
     for name, result in results.items():
         if result.status != "ok":
             continue
@@ -106,8 +110,26 @@ def write_figures(results: Results, out: Path, options: RunOptions) -> None:
                    for (metric, stack), head_map in result.maps.items()}
         analysis = get(name)
         if analysis.figures is not None:
-            figures.update(analysis.figures(result))
-        for figure_name, figure in figures.items():
+            try:
+                figures.update(analysis.figures(result))
+            except Exception as error:  # a figure must not cost the results or the other figures
+                if notes is not None:
+                    notes.append(f"figures of {name} failed: {type(error).__name__}: {error}".splitlines()[0])
+        out[name] = figures
+    return out
+
+
+def write_figures(results: Results, out: Path, options: RunOptions,
+                  figures: dict[str, dict[str, go.Figure]] | None = None) -> None:
+    """One heatmap per map and each analysis's own figures (``figures``, by default
+    :func:`analysis_figures`): interactive HTML, plus static formats where this machine can make them."""
+    formats = list(options.figures)
+    if not formats:
+        return
+    folder = out / "figures"
+    folder.mkdir(exist_ok=True)
+    for name, named in (analysis_figures(results) if figures is None else figures).items():
+        for figure_name, figure in named.items():
             try:
                 plotting.save(figure, folder / f"{name}-{figure_name}", formats)
             except plotting.StaticExportError as error:

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,8 +66,8 @@ def throwaway_analyses() -> Iterator[Callable[..., None]]:
     registry.list_analyses()  # the built-in ones first
     added: list[str] = []
 
-    def add(name: str, kinds: tuple[str, ...], run) -> None:
-        registry.register(name, kinds=kinds, description="a test's throwaway analysis")(run)
+    def add(name: str, kinds: tuple[str, ...], run, figures=None) -> None:
+        registry.register(name, kinds=kinds, description="a test's throwaway analysis", figures=figures)(run)
         added.append(name)
 
     yield add
@@ -298,6 +298,8 @@ def test_one_failing_analysis_exits_1_and_keeps_the_others(
     assert document["analyses"]["explodes"]["error"] == "RuntimeError: deliberate failure in a test analysis"
     assert document["analyses"]["summary"]["status"] == "ok"
     assert len(list((out / "figures").glob("summary-*.html"))) == 2
+    report = (out / "report.html").read_text(encoding="utf-8")
+    assert '<p class="error">RuntimeError: deliberate failure in a test analysis</p>' in report
 
 
 def test_set_passes_parameters_to_the_analysis(tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch,
@@ -309,3 +311,25 @@ def test_set_passes_parameters_to_the_analysis(tmp_path: Path, tiny_llama_dir: P
     assert run.code == 0, run.err
     params = Results.load(tmp_path / "results.json")["patterns"].params
     assert (params["length"], params["samples"]) == (8, 3)
+
+
+def test_failing_figures_keep_the_results_and_the_heatmaps(
+    tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+    throwaway_analyses,
+) -> None:
+    from headscope.analyses import summary as summary_analysis
+
+    def broken_figures(result):
+        raise ValueError("deliberate figure failure")
+
+    throwaway_analyses("drawn", ("decoder",), lambda context: replace(summary_analysis.run(context), name="drawn"),
+                       figures=broken_figures)
+    out = tmp_path / "out"
+    run = headscope(monkeypatch, capsys, "analyze", str(tiny_llama_dir), "-a", "drawn", "--out", str(out),
+                    "--figures", "html", "-q")
+
+    assert run.code == 0, run.err
+    assert "figures of drawn failed: ValueError: deliberate figure failure" in run.err
+    assert Results.load(out / "results.json")["drawn"].status == "ok"
+    assert len(list((out / "figures").glob("drawn-*.html"))) == 2
+    assert (out / "report.html").exists()
