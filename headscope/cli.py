@@ -34,7 +34,8 @@ def analyze(
     model: Annotated[str | None, typer.Argument(
         help="packaged alias, local folder, .gguf file or hub id (default: the packaged smollm2-135m)")] = None,
     analyses: Annotated[str | None, typer.Option(
-        "--analyses", "-a", help="comma-separated analyses to run (default: all that fit the model)")] = None,
+        "--analyses", "-a", help="comma-separated analyses to run (default: those that fit the model; costly "
+        "ones such as importance run only when named)")] = None,
     text: Annotated[str | None, typer.Option(help="text to analyse instead of the default probe")] = None,
     input_path: Annotated[str | None, typer.Option(
         "--input", help="file to analyse: UTF-8 text, or a .wav file for speech models")] = None,

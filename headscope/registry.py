@@ -43,6 +43,7 @@ class Analysis:
     description: str
     run: Callable[[Context], AnalysisResult]
     figures: Callable[[AnalysisResult], dict[str, Any]] | None = None
+    default: bool = True  # part of a run that names no analyses
 
     def fits(self, kind: str) -> bool:
         return kind in self.kinds
@@ -57,15 +58,18 @@ def register(
     kinds: tuple[str, ...],
     description: str,
     figures: Callable[[AnalysisResult], dict[str, Any]] | None = None,
+    default: bool = True,
 ):
     """Decorator: register ``run(context) -> AnalysisResult`` as the analysis ``name``.
 
     ``figures(result)``, when given, returns the analysis's own figures beyond the per-map heatmaps
-    (``{name: plotly Figure}``); ``headscope analyze`` saves them beside the heatmaps.
+    (``{name: plotly Figure}``); ``headscope analyze`` saves them beside the heatmaps. ``default=False``
+    keeps a costly analysis out of runs that name no analyses (``--analyses`` still runs it).
     """
 
     def decorate(run: Callable[[Context], AnalysisResult]) -> Callable[[Context], AnalysisResult]:
-        _REGISTRY[name] = Analysis(name=name, kinds=kinds, description=description, run=run, figures=figures)
+        _REGISTRY[name] = Analysis(name=name, kinds=kinds, description=description, run=run, figures=figures,
+                                   default=default)
         return run
 
     return decorate
@@ -86,10 +90,10 @@ def get(name: str) -> Analysis:
 
 
 def select(names: list[str] | None, kind: str) -> list[Analysis]:
-    """The analyses to run on a model of ``kind``: the named ones (each must fit), or all that fit."""
+    """The analyses to run on a model of ``kind``: the named ones (each must fit), or the default ones that fit."""
     _load_builtin()
     if not names:
-        return [a for a in _REGISTRY.values() if a.fits(kind)]
+        return [a for a in _REGISTRY.values() if a.default and a.fits(kind)]
     chosen = [get(name) for name in names]
     for analysis in chosen:
         if not analysis.fits(kind):

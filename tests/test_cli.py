@@ -333,3 +333,9 @@ def test_failing_figures_keep_the_results_and_the_heatmaps(
     assert Results.load(out / "results.json")["drawn"].status == "ok"
     assert len(list((out / "figures").glob("drawn-*.html"))) == 2
     assert (out / "report.html").exists()
+
+
+def test_costly_analyses_run_only_when_named() -> None:
+    default = [analysis.name for analysis in registry.select(None, "decoder")]
+    assert "importance" not in default and {"summary", "sinks", "patterns"} <= set(default)
+    assert [analysis.name for analysis in registry.select(["importance"], "decoder")] == ["importance"]
