@@ -207,33 +207,33 @@ def key_mass(calls: list[Call], positions=(0,), key_mask: torch.Tensor | None = 
     return sums / counts
 
 
-def entropy(calls: list[Call]) -> np.ndarray:
-    """Mean over real queries of -sum_k p log p (nats)."""
+def _mean_over_real_queries(calls: list[Call], row_value) -> np.ndarray:
+    """Mean over every real query of ``row_value(layer, b, t)``, an (H,) tensor, per layer."""
     sums, counts = _empty(calls)
     for call in calls:
-        for layer_index, layer in enumerate(call):
+        for index, layer in enumerate(call):
             for b in range(layer.probs.shape[0]):
                 for t in range(layer.probs.shape[2]):
                     if layer.query_valid[b, t]:
-                        p = layer.probs[b, :, t, :]
-                        logs = torch.where(p > 0, p.clamp_min(1e-300).log(), torch.zeros_like(p))
-                        sums[layer_index] += (-(p * logs).sum(-1)).numpy()
-                        counts[layer_index] += 1
+                        sums[index] += row_value(layer, b, t).numpy()
+                        counts[index] += 1
     return sums / counts
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    logs = torch.where(p > 0, p.clamp_min(1e-300).log(), torch.zeros_like(p))
+    return -(p * logs).sum(-1)
+
+
+def entropy(calls: list[Call]) -> np.ndarray:
+    """Mean over real queries of -sum_k p log p (nats)."""
+    return _mean_over_real_queries(calls, lambda layer, b, t: _entropy(layer.probs[b, :, t, :]))
 
 
 def mean_distance(calls: list[Call]) -> np.ndarray:
     """Mean over real queries of sum_k p |pos(query) - pos(key)| (self-attention only)."""
-    sums, counts = _empty(calls)
-    for call in calls:
-        for layer_index, layer in enumerate(call):
-            for b in range(layer.probs.shape[0]):
-                for t in range(layer.probs.shape[2]):
-                    if layer.query_valid[b, t]:
-                        distance = (layer.query_pos[t] - layer.key_pos).abs().double()
-                        sums[layer_index] += (layer.probs[b, :, t, :] * distance).sum(-1).numpy()
-                        counts[layer_index] += 1
-    return sums / counts
+    return _mean_over_real_queries(calls, lambda layer, b, t: (
+        layer.probs[b, :, t, :] * (layer.query_pos[t] - layer.key_pos).abs().double()).sum(-1))
 
 
 # --- sinks ------------------------------------------------------------------------------------------------
@@ -280,15 +280,7 @@ def sink_mass(calls: list[Call], positions=(0,), exclude_own: bool = True, causa
 
 def residual_mass(calls: list[Call]) -> np.ndarray:
     """Mean over real queries of 1 - sum_k p."""
-    sums, counts = _empty(calls)
-    for call in calls:
-        for index, layer in enumerate(call):
-            for b in range(layer.probs.shape[0]):
-                for t in range(layer.probs.shape[2]):
-                    if layer.query_valid[b, t]:
-                        sums[index] += (1 - layer.probs[b, :, t, :].sum(-1)).numpy()
-                        counts[index] += 1
-    return sums / counts
+    return _mean_over_real_queries(calls, lambda layer, b, t: 1 - layer.probs[b, :, t, :].sum(-1))
 
 
 def received(calls: list[Call], causal: bool = True,
@@ -329,17 +321,10 @@ def received(calls: list[Call], causal: bool = True,
 def filtered_entropy(calls: list[Call], exclude: torch.Tensor) -> np.ndarray:
     """Mean over real queries of the entropy of the row renormalised over real keys outside ``exclude``
     (B, keys): p~ = p / sum of p over those keys."""
-    sums, counts = _empty(calls)
-    for call in calls:
-        for index, layer in enumerate(call):
-            for b in range(layer.probs.shape[0]):
-                keep = [k for k in range(layer.probs.shape[-1]) if bool(layer.key_valid[b, k])
-                        and not bool(exclude[b, k])]
-                for t in range(layer.probs.shape[2]):
-                    if layer.query_valid[b, t]:
-                        p = layer.probs[b, :, t, keep]
-                        p = p / p.sum(-1, keepdim=True)
-                        logs = torch.where(p > 0, p.clamp_min(1e-300).log(), torch.zeros_like(p))
-                        sums[index] += (-(p * logs).sum(-1)).numpy()
-                        counts[index] += 1
-    return sums / counts
+
+    def row_value(layer: LayerAttention, b: int, t: int) -> torch.Tensor:
+        keep = layer.key_valid[b].bool() & ~exclude[b, : layer.probs.shape[-1]].bool()
+        p = layer.probs[b, :, t, keep]
+        return _entropy(p / p.sum(-1, keepdim=True))
+
+    return _mean_over_real_queries(calls, row_value)
