@@ -1,5 +1,5 @@
 """The analyses: one module per analysis, each registered by name (see ``headscope.registry``)."""
 
-from headscope.analyses import importance, patterns, sinks, summary
+from headscope.analyses import importance, patterns, retrieval, saliency, sinks, summary, vhd
 
-__all__ = ["importance", "patterns", "sinks", "summary"]
+__all__ = ["importance", "patterns", "retrieval", "saliency", "sinks", "summary", "vhd"]

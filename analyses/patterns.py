@@ -36,6 +36,7 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
+from headscope import distributed
 from headscope.capture.reducers import Entropy, FullMaps, KeyMass, MeanDistance, OffsetMass
 from headscope.errors import HeadscopeError
 from headscope.probes import inputs as probe_inputs
@@ -154,14 +155,18 @@ def _forward(context: Context, inputs: dict[str, torch.Tensor]) -> None:
 
 def repeated_scores(context: Context, probe: repeated_probe.Repeated, stack: str) -> dict[str, np.ndarray]:
     """``induction``, ``previous_token`` and ``duplicate_token``, each (layers, heads), on ``probe``."""
-    second, after_first = probe.second_copy(), probe.after_first()
+    # under torchrun each process reads its share of the samples (rows); the sums are added afterwards
+    second, after_first = distributed.split(probe.second_copy()), distributed.split(probe.after_first())
+    ids, mask = distributed.split(probe.input_ids), distributed.split(probe.attention_mask)
     reducers = {
         "induction": OffsetMass(probe.length - 1, query_mask=second, stacks=[stack]),
         "previous_token": OffsetMass(1, query_mask=after_first, stacks=[stack]),
         "duplicate_token": OffsetMass(probe.length, query_mask=second, stacks=[stack]),
     }
     with context.scope.capture(*reducers.values()):
-        _forward(context, {"input_ids": probe.input_ids, "attention_mask": probe.attention_mask})
+        if len(ids):
+            _forward(context, {"input_ids": ids, "attention_mask": mask})
+    distributed.all_reduce_reducers(reducers.values())
     return {name: reducer.result()[stack] for name, reducer in reducers.items()}
 
 
@@ -172,7 +177,9 @@ def prose_scores(context: Context, inputs: dict[str, torch.Tensor], stack: str,
                 "mean_distance": MeanDistance(stacks=[stack])}
     reducers.update({f"offset_{k}": OffsetMass(k, stacks=[stack]) for k in offsets})
     with context.scope.capture(*reducers.values()):
-        _forward(context, inputs)
+        for one in distributed.split([inputs]):  # one input: rank 0 reads it, the others add zeros
+            _forward(context, one)
+    distributed.all_reduce_reducers(reducers.values())
     return {name: reducer.result()[stack] for name, reducer in reducers.items()}
 
 

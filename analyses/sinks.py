@@ -21,18 +21,19 @@ Tables: ``layers`` (per layer: mean sink mass and score, share of heads over eps
 queries that see them), ``attention_by_position`` (the same, averaged over layers too),
 ``massive_activations`` (Sun et al. 2024, "Massive Activations in Large Language Models") and, for text
 sources, ``source_tokens``. Text models read the probe in one forward pass; encoder-decoders decode it
-greedily. Vision-language models are not handled yet.
+greedily. Vision-language models decode a shapes picture's prompt greedily and read the prompt and continuation
+back in one pass: the maps above cover the language stack (``self``) and the vision tower (``vision``), and
+:mod:`headscope.analyses.sinks_vlm` adds the attention on image tokens, the visual sink tokens and the
+image-centric heads of Kang et al. (ICLR 2025).
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import re
 import time
 import unicodedata
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
 
@@ -41,8 +42,11 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
+from headscope import distributed
+from headscope.analyses import sinks_vlm
 from headscope.capture.reducers import Entropy, FilteredEntropy, KeyMass, KeyReceived, Reducer, ResidualMass, SinkMass
 from headscope.errors import HeadscopeError
+from headscope.probes import decoding
 from headscope.probes import inputs as probe_inputs
 from headscope.probes import text as probe_text
 from headscope.registry import Context, register
@@ -83,8 +87,13 @@ class Params:
         min_queries: positions seen by fewer queries (the last ones in a causal model) are not judged.
         massive_threshold: |x| above which an activation can be massive (Sun et al.: 100).
         massive_ratio: |x| / median |x| of the layer above which it can be massive (about 1000).
-        max_new_tokens: tokens decoded by encoder-decoders.
+        max_new_tokens: tokens decoded by encoder-decoders and vision-language models (0: the prompt alone).
         top_k: sink heads listed per stack in the summary.
+        visual_tau: vision-language models: |phi| above which a dimension of the weight-free RMS-normalised state
+            is massive (Kang et al.: 20), for the sink dimensions and the visual sink tokens.
+        visual_min_layer: the first language layer whose input state is searched for visual sinks (Kang et al.: 2).
+        centric_ratio: a head is image-centric when attention on visual sinks / on image tokens is at most this.
+        centric_mass: ... and its attention on image tokens is at least this.
     """
 
     sink_positions: tuple[int, ...] | Literal["detected"] = (0,)
@@ -96,6 +105,10 @@ class Params:
     massive_ratio: float = 1000.0
     max_new_tokens: int = 64
     top_k: int = 5
+    visual_tau: float = 20.0
+    visual_min_layer: int = 2
+    centric_ratio: float = 0.5
+    centric_mass: float = 0.2
 
     @classmethod
     def read(cls, given: dict[str, Any]) -> Params:
@@ -117,6 +130,10 @@ class Params:
             raise HeadscopeError(f"protocol must be one of {', '.join(get_args(Protocol))}, got {params.protocol!r}")
         if not 0 < params.eps < 1 or not 0 < params.token_threshold < 1:
             raise HeadscopeError("eps and token_threshold must lie between 0 and 1")
+        if not (params.visual_tau > 0 and params.visual_min_layer >= 0 and 0 <= params.centric_ratio <= 1
+                and 0 <= params.centric_mass <= 1 and params.max_new_tokens >= 0):
+            raise HeadscopeError("sinks needs visual_tau > 0, visual_min_layer >= 0, centric_ratio and centric_mass "
+                                 "between 0 and 1, and max_new_tokens >= 0")
         return params
 
 
@@ -135,21 +152,32 @@ class _Pass:
     labels: dict[str, list[str]] = field(default_factory=dict)
 
 
-@register("sinks", kinds=("decoder", "encoder", "encoder-decoder"),
+@register("sinks", kinds=("decoder", "encoder", "encoder-decoder", "vision-language"),
           description="attention sinks: sink mass and Gu et al.'s sink rate per head, sink tokens, massive "
-                      "activations, cross-attention on non-content tokens",
+                      "activations, cross-attention on non-content tokens, visual sinks and image-centric heads",
           figures=lambda result: figures(result))
 def run(context: Context) -> AnalysisResult:
     started = time.perf_counter()
     params = Params.read(context.params)
     passes, source = _passes(context, params)
     tokenizer = _tokenizer(context)
-    for one in passes:
+    mine = distributed.split(passes)  # under torchrun, each process measures its share of the inputs
+    for one in mine:
         _measure(context, params, one, tokenizer)
+    passes = distributed.gathered(mine)
+    image = None
+    if context.loaded.info.kind == "vision-language":
+        one = passes[0]
+        image = sinks_vlm.measure(context, params, one.inputs, one.hidden["self"], one.labels["self"])
+        one.labels["self"] = image.labels
     found = _sink_tokens(passes, params)
     if params.sink_positions == DETECTED:
-        for index, one in enumerate(passes):
+        mine = distributed.split(list(enumerate(passes)))
+        for index, one in mine:
             _measure_detected(context, params, one, found[found["input"] == index])
+        measured = distributed.gathered([(one.sink_sets, one.reducers["sink_mass"]) for _, one in mine])
+        for one, (sink_sets, mass) in zip(passes, measured, strict=True):
+            one.sink_sets, one.reducers["sink_mass"] = sink_sets, mass
     result = AnalysisResult(name="sinks", params={**params.__dict__, "gu_tokens": GU_TOKENS})
     summary: dict[str, Any] = {"input": source, "passes": len(passes),
                                "tokens": [len(next(iter(p.labels.values()))) for p in passes]}
@@ -171,6 +199,11 @@ def run(context: Context) -> AnalysisResult:
     summary.update(_token_summary(result.tables["sink_tokens"], result.tables["massive_activations"]))
     for stack, positions in passes[0].sink_sets.items():
         summary[f"sink_set_{stack}"] = [f"{p} {_label(passes[0].labels.get(stack, []), p)!r}" for p in positions]
+    if image is not None:
+        for metric, head_map in image.maps.items():
+            result.add_map(metric, head_map)
+        result.tables.update(image.tables)
+        summary.update(image.summary)
     if "cross" in context.scope.stacks:
         summary.update(_cross_summary(result))
         if "input_ids" in passes[0].inputs:
@@ -192,6 +225,13 @@ def _passes(context: Context, params: Params) -> tuple[list[_Pass], str]:
     """The inputs to measure: the probe in one pass, or under Gu et al.'s protocol, 64-token inputs."""
     loaded = context.loaded
     probe = probe_inputs.build(loaded, context.text, context.input_path, context.max_tokens)
+    if loaded.info.kind == "vision-language":
+        inputs, new = sinks_vlm.decoded(loaded.model, context.scope, probe.inputs, params.max_new_tokens)
+        source = (f"{probe.source}; {len(new)} token(s) decoded greedily, the prompt and all but the last read back "
+                  "in one pass")
+        if params.protocol == "gu":
+            source += " (Gu et al.'s protocol needs text; the image prompt is measured as it is)"
+        return [_Pass(inputs, False, output=_tokenizer(context).decode(new, skip_special_tokens=True).strip())], source
     if params.protocol == "gu" and "input_ids" in probe.inputs:
         user = context.text is not None or context.input_path is not None
         if user:
@@ -248,11 +288,9 @@ def _measure(context: Context, params: Params, one: _Pass, tokenizer) -> None:
         one.reducers["filtered_entropy"] = FilteredEntropy(exclude, stacks=("cross",))
     with torch.no_grad(), context.scope.capture(*one.reducers.values(), one.received):
         if one.generate:
-            with _decoder_inputs(model) as fed:
-                generated = model.generate(**inputs, max_new_tokens=params.max_new_tokens, do_sample=False)
-            # the tokens the decoder read (Whisper's generate leaves its start tokens out of what it returns),
-            # then the last one it produced
-            sequences = torch.cat([*fed, generated[:, -1:]], dim=1)
+            # the start tokens and the output, as the decoder read and produced them (Whisper's generate leaves
+            # its start tokens and the end of text out of what it returns)
+            sequences = decoding.own_output(model, inputs, params.max_new_tokens).sequence
         else:
             outputs = model(**inputs, output_hidden_states=True, **_few_logits(model))
     one.alpha = one.reducers["sink_score"].result()
@@ -261,7 +299,7 @@ def _measure(context: Context, params: Params, one: _Pass, tokenizer) -> None:
             outputs = model(**inputs, decoder_input_ids=sequences, output_hidden_states=True)
         one.hidden = {"encoder": outputs.encoder_hidden_states, "decoder": outputs.decoder_hidden_states}
         target = _texts(tokenizer, sequences[0].tolist())
-        one.output = tokenizer.decode(generated[0], skip_special_tokens=True).strip()
+        one.output = tokenizer.decode(sequences[0], skip_special_tokens=True).strip()
         source = _texts(tokenizer, source_ids) if source_ids is not None else _frames(outputs.encoder_hidden_states)
         one.labels = {"encoder": source, "cross": source, "decoder": target}
     else:
@@ -291,23 +329,6 @@ def _measure_detected(context: Context, params: Params, one: _Pass, found: pd.Da
     for reducer in reducers[1:]:
         reducers[0].merge(reducer)
     one.reducers["sink_mass"] = reducers[0]
-
-
-@contextlib.contextmanager
-def _decoder_inputs(model) -> Iterator[list[torch.Tensor]]:
-    """Record the ``input_ids`` of each call of an encoder-decoder's decoder, (B, new tokens) per call."""
-    fed: list[torch.Tensor] = []
-
-    def record(module, args, kwargs) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is not None:
-            fed.append(ids.detach())
-
-    handle = model.get_decoder().register_forward_pre_hook(record, with_kwargs=True)
-    try:
-        yield fed
-    finally:
-        handle.remove()
 
 
 def _few_logits(model) -> dict[str, int]:
@@ -480,7 +501,8 @@ def _label(labels: list[str], position: int) -> str:
 
 
 def figures(result: AnalysisResult) -> dict[str, go.Figure]:
-    """The per-layer sink profile and, per stack, where attention goes (first input), sink tokens highlighted."""
+    """The per-layer sink profile, the visual sinks on the patch grid (vision-language models) and, per stack,
+    where attention goes (first input), sink tokens highlighted."""
     out: dict[str, go.Figure] = {}
     layers = result.tables.get("layers")
     if layers is not None and len(layers):
@@ -493,6 +515,7 @@ def figures(result: AnalysisResult) -> dict[str, go.Figure]:
         profile.update_layout(title="sinks: per-layer profile (mean over heads)", xaxis_title="layer",
                               yaxis_title="mass / share", yaxis_range=[0, 1.02], template="simple_white")
         out["profile"] = profile
+    out.update(sinks_vlm.figures(result))
     table = result.tables.get("attention_by_position")
     if table is None or not len(table):
         return out

@@ -4,10 +4,11 @@
 Loads a model (the packaged SmolLM2 by default), takes the first ``--tokens`` tokens of the shipped prose and
 times, each once after a warm-up forward: one plain forward pass; the gradient importance (one forward and
 one backward); every single-head zero ablation batched ``--batch-size`` rows per pass
-(``importance.ablation_importance``); and the same ablations as a loop of one forward pass per head with a
-shared (layers, heads) gate. The two ablation results are compared (max abs difference).
+(``importance.ablation_importance``), with prefix reuse (the layers before a pass's first ablated layer run
+once at batch 1) and without; and the same ablations as a loop of one forward pass per head with a shared
+(layers, heads) gate. The ablation results are compared (max abs difference to the loop).
 
-    python benchmarks/importance.py --tokens 64 --batch-size 16 --threads 2
+    python benchmarks/importance.py --tokens 256 --batch-size 16 --threads 2
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _timed(function):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -49,8 +50,11 @@ def main() -> None:
     importance.losses(model, scope, inputs)  # warm-up
 
     _, forward = _timed(lambda: importance.losses(model, scope, inputs))
-    _, gradient = _timed(lambda: importance.gradient_importance(model, scope, inputs))
-    batched, batched_s = _timed(lambda: importance.ablation_importance(model, scope, inputs, "zero", args.batch_size))
+    _, gradient = _timed(lambda: importance.gradient_importance(model, scope, importance.next_token_loss(inputs)))
+    batched, batched_s = _timed(lambda: importance.ablation_importance(
+        model, scope, inputs, "zero", batch_size=args.batch_size, prefix_reuse=True))
+    no_prefix, no_prefix_s = _timed(lambda: importance.ablation_importance(
+        model, scope, inputs, "zero", batch_size=args.batch_size, prefix_reuse=False))
 
     def alone(layer: int, head: int) -> float:
         return float(importance.losses(model, scope, inputs, [Gates.zero([(layer, head)], layers, heads)])[0])
@@ -63,8 +67,11 @@ def main() -> None:
         "model": args.model, "tokens": int(inputs["input_ids"].shape[1]), "heads": layers * heads,
         "threads": args.threads, "batch_size": args.batch_size, "forward_s": round(forward, 3),
         "gradient_s": round(gradient, 3), "gradient_over_forward": round(gradient / forward, 2),
-        "ablation_batched_s": round(batched_s, 2), "ablation_loop_s": round(loop_s, 2),
-        "speedup": round(loop_s / batched_s, 2), "max_abs_difference": float(np.abs(batched - one_by_one).max()),
+        "ablation_batched_s": round(batched_s, 2), "ablation_batched_no_prefix_s": round(no_prefix_s, 2),
+        "ablation_loop_s": round(loop_s, 2), "speedup": round(loop_s / batched_s, 2),
+        "speedup_no_prefix": round(loop_s / no_prefix_s, 2), "prefix_reuse_gain": round(no_prefix_s / batched_s, 2),
+        "max_abs_difference": float(np.abs(batched - one_by_one).max()),
+        "max_abs_difference_no_prefix": float(np.abs(no_prefix - one_by_one).max()),
     }, indent=2))
 
 

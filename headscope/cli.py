@@ -1,14 +1,18 @@
 """The ``headscope`` command line.
 
 Bad input gets one line on stderr saying what is wrong and what to do, and exit code 2, never a
-traceback; exit code 1 when an analysis failed (the others' results are still written).
+traceback; exit code 1 when an analysis failed (the others' results are still written). Ctrl-C (SIGINT) stops
+with one line and exit code 130, SIGTERM the same way with exit code 143; the analyses finished by then are in
+``results.json`` and ``headscope analyze --resume`` goes on from there.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -38,9 +42,16 @@ def analyze(
         "ones such as importance run only when named)")] = None,
     text: Annotated[str | None, typer.Option(help="text to analyse instead of the default probe")] = None,
     input_path: Annotated[str | None, typer.Option(
-        "--input", help="file to analyse: UTF-8 text, or a .wav file for speech models")] = None,
+        "--input", help="file to analyse: UTF-8 text, a .wav file for speech models, or an image for "
+        "vision-language models (with --text as its prompt)")] = None,
     out: Annotated[Path, typer.Option(help="output folder for results.json and figures")] = Path("headscope-out"),
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps")] = "cpu",
+    device_map: Annotated[str | None, typer.Option(
+        "--device-map", help="spread a model too large for one device with accelerate: auto, balanced, sequential, "
+        "a JSON object {\"module\": \"device\"} (cuda:N, cpu, disk) or a .json file (instead of --device)")] = None,
+    offload_folder: Annotated[str | None, typer.Option(
+        "--offload-folder", help="where --device-map keeps weights offloaded to disk (default: a temporary "
+        "folder)")] = None,
     dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16")] = "float32",
     max_tokens: Annotated[int | None, typer.Option(help="truncate inputs to this many tokens")] = None,
     seed: Annotated[int, typer.Option(help="seed for probes and sampling")] = 0,
@@ -53,11 +64,17 @@ def analyze(
     settings: Annotated[list[str] | None, typer.Option(
         "--set", help="an analysis parameter, ANALYSIS.NAME=VALUE (VALUE read as JSON, else text); repeatable, "
         "e.g. --set sinks.protocol=gu --set patterns.length=64")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="keep the finished analyses of an earlier run into --out made with the same model, input, "
+        "options and parameters; run only the others")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress or tables, for scripts")] = False,
 ) -> None:
     """Run the analyses that fit MODEL; write results.json and figures into --out."""
+    from headscope import distributed
     from headscope.runner import RunOptions
     from headscope.runner import analyze as run
+
+    quiet = quiet or not distributed.is_main()  # under torchrun, rank 0 alone reports
 
     options = RunOptions(
         model=model,
@@ -66,6 +83,8 @@ def analyze(
         input_path=input_path,
         out=out,
         device=device,
+        device_map=device_map,
+        offload_folder=offload_folder,
         dtype=dtype,
         max_tokens=max_tokens,
         seed=seed,
@@ -73,21 +92,29 @@ def analyze(
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
         params=_parameters(settings or []),
+        resume=resume,
     )
-    if quiet:
-        results = run(options)
-    else:
-        with console.status("starting") as status:
-            results = run(options, progress=lambda message: status.update(message))
-    for note in dict.fromkeys(options.notes):
-        console.print(f"note: {note}", highlight=False)
+    try:
+        if quiet:
+            results = run(options)
+        else:
+            with console.status("starting") as status:
+                results = run(options, progress=lambda message: status.update(message))
+    except KeyboardInterrupt as stop:
+        saved = out / "results.json"
+        where = (f"the analyses finished so far are in {saved}; add --resume to run only the rest"
+                 if saved.exists() else "no analysis had finished")
+        raise _Stopped(f"{'terminated' if isinstance(stop, _Terminated) else 'interrupted'}: {where}",
+                       143 if isinstance(stop, _Terminated) else 130) from None
+    for note in dict.fromkeys(options.notes) if distributed.is_main() else ():
+        console.print(f"note: {note}", highlight=False, soft_wrap=True)
     if not quiet:
         _print_top_heads(results)
         console.print(f"results: {out / 'results.json'}", highlight=False)
     failed = [name for name, result in results.items() if result.status == "failed"]
     if failed:
         for name in failed:
-            console.print(f"analysis {name} failed: {results[name].error}", highlight=False)
+            console.print(f"analysis {name} failed: {results[name].error}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
 
@@ -165,8 +192,13 @@ def models() -> None:
     table = Table(Column("alias", no_wrap=True), "installed", "kind", "layers x heads", "size", "licence", "install")
     for alias, model in PACKAGED.items():
         table.add_row(alias + (" (default)" if alias == DEFAULT_ALIAS else ""), "yes" if model.installed() else "no",
-                      model.kind, model.layers_heads, f"{model.size_mb} MB", model.licence, model.install)
+                      model.kind + (" (SYNTHETIC)" if model.synthetic else ""), model.layers_heads,
+                      f"{model.size_mb} MB", model.licence, model.install)
     Console().print(table)
+    for alias, model in PACKAGED.items():
+        if model.synthetic:
+            Console().print(f"{alias} is synthetic, for offline demos: {model.synthetic}", highlight=False,
+                            soft_wrap=True)
 
 
 def _parameters(settings: list[str]) -> dict[str, dict[str, object]]:
@@ -204,16 +236,46 @@ def _print_top_heads(results) -> None:
     Console().print(table)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it stops as cleanly as on Ctrl-C (captures restore the model,
+    a results.json being written is left whole)."""
+
+
+class _Stopped(Exception):
+    """An interrupted ``analyze``: its one line, and the exit code (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated
+
+
 def main() -> None:
     """Entry point: run the app, turning every user error into one line and exit code 2."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    try:
+        _main()
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _main() -> None:
     try:
         code = app(standalone_mode=False)  # outside standalone mode, click returns a typer.Exit's code
     except HeadscopeError as error:
         _fail(str(error), 2)
     except typer.Exit as done:
         sys.exit(done.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        _fail("interrupted", 130)
+    except _Stopped as stop:
+        _fail(str(stop), stop.code)
+    except (typer.Abort, KeyboardInterrupt) as stop:  # click turns a KeyboardInterrupt into Abort, cause kept
+        terminated = isinstance(stop, _Terminated) or isinstance(stop.__cause__, _Terminated)
+        _fail("terminated" if terminated else "interrupted", 143 if terminated else 130)
     except Exception as error:
         if not hasattr(error, "format_message"):  # a bug, not the user's input: keep the traceback
             raise

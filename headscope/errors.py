@@ -17,3 +17,10 @@ class UnsupportedModelError(HeadscopeError):
 
 class MemoryBudgetError(HeadscopeError):
     """A request would exceed the memory budget; the message gives the estimate and how to lower it."""
+
+
+class NonFiniteError(RuntimeError):
+    """Attention or a head's output held NaN or inf: the message names the layer and head.
+
+    Not a user-input error: inside ``headscope analyze`` the analysis is recorded as failed and the others run.
+    """

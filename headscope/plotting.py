@@ -52,12 +52,12 @@ def heatmap(head_map: HeadMap, title: str) -> go.Figure:
             zmid=0.0 if head_map.signed else None,
             zmin=-limit if head_map.signed else None,
             zmax=limit if head_map.signed else None,
-            hovertemplate="head %{customdata}<br>value %{z:.4f}<br>" + _escape(head_map.description)
+            hovertemplate="head %{customdata}<br>value %{z:.4f}<br>" + escape_label(head_map.description)
             + "<extra></extra>",
         )
     )
     figure.update_layout(
-        title=_escape(title),
+        title=escape_label(title),
         xaxis_title="head",
         yaxis_title="layer",
         yaxis_autorange="reversed",
@@ -184,6 +184,6 @@ def _svg_in_inches(svg: str) -> str:
     return tag + svg[root.end():]
 
 
-def _escape(text: str) -> str:
-    """Escape text for plotly's HTML-like hover labels."""
+def escape_label(text: str) -> str:
+    """Escape text (a token, a description) for plotly's HTML-like labels: shown as text, never as markup."""
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

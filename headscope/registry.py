@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from headscope.errors import HeadscopeError
@@ -44,6 +45,7 @@ class Analysis:
     run: Callable[[Context], AnalysisResult]
     figures: Callable[[AnalysisResult], dict[str, Any]] | None = None
     default: bool = True  # part of a run that names no analyses
+    exports: Callable[[AnalysisResult, Path], list[Path]] | None = None
 
     def fits(self, kind: str) -> bool:
         return kind in self.kinds
@@ -59,17 +61,20 @@ def register(
     description: str,
     figures: Callable[[AnalysisResult], dict[str, Any]] | None = None,
     default: bool = True,
+    exports: Callable[[AnalysisResult, Path], list[Path]] | None = None,
 ):
     """Decorator: register ``run(context) -> AnalysisResult`` as the analysis ``name``.
 
     ``figures(result)``, when given, returns the analysis's own figures beyond the per-map heatmaps
     (``{name: plotly Figure}``); ``headscope analyze`` saves them beside the heatmaps. ``default=False``
     keeps a costly analysis out of runs that name no analyses (``--analyses`` still runs it).
+    ``exports(result, folder)``, when given, writes the result in the formats of the research code people
+    already use into ``folder`` and returns the paths; ``headscope analyze`` moves them into ``OUT/exports``.
     """
 
     def decorate(run: Callable[[Context], AnalysisResult]) -> Callable[[Context], AnalysisResult]:
         _REGISTRY[name] = Analysis(name=name, kinds=kinds, description=description, run=run, figures=figures,
-                                   default=default)
+                                   default=default, exports=exports)
         return run
 
     return decorate

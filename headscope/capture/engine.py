@@ -30,7 +30,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from headscope.capture.adapters import Adapter, Site, adapt
 from headscope.capture.gates import Gates
 from headscope.capture.reducers import Chunk, Reducer
-from headscope.errors import HeadscopeError
+from headscope.errors import HeadscopeError, NonFiniteError
 
 IMPLEMENTATION = "headscope"
 DEFAULT_BUDGET_BYTES = 256 * 2**20
@@ -129,6 +129,9 @@ class Scope:
         unknown = {g.stack for g in gates} - set(self.stacks)
         if unknown:
             raise HeadscopeError(f"no attention stack named {sorted(unknown)}: this model has {list(self.stacks)}")
+        if any(g.uniform is not None for g in gates) and not self.adapter.routes_through_interface:
+            raise HeadscopeError(f"uniform-attention gates need a model that dispatches attention through "
+                                 f"transformers' AttentionInterface; {type(self.model).__name__} does not")
         for reducer in reducers:
             reducer.bind(self.stacks)
         session = _Session(self.adapter, self.adapter.by_module(), list(reducers), list(gates), chunk_size,
@@ -192,9 +195,19 @@ def _gate_hook(session: _Session, site: Site, site_gates: list[Gates]):
             token_mask = None
         for gate in site_gates:
             z = gate.apply(site, z, token_mask)
+        if not bool(torch.isfinite(z).all()):
+            raise NonFiniteError(_not_finite(site, z.transpose(1, 2), 0, "head output z"))
         return (z.reshape(x.shape), *args[1:])
 
     return hook
+
+
+def _not_finite(site: Site, values: torch.Tensor, start: int, what: str) -> str:
+    """Where (batch, heads, tokens, dim) ``values`` first hold NaN or inf, as one line."""
+    example, head, token = (int(i) for i in (~torch.isfinite(values)).any(-1).nonzero()[0])
+    return (f"{what} of {site.stack} layer {site.layer} head {head} is not finite (NaN or inf) at example {example}, "
+            f"token {start + token}: the model overflowed or its weights hold NaN (a float16 model may need "
+            "--dtype float32)")
 
 
 def _all_configs(model: nn.Module) -> list:
@@ -239,14 +252,24 @@ def headscope_attention(
     session = _ACTIVE[0] if _ACTIVE else None
     site = session.sites.get(id(module)) if session is not None else None
     reducers = session.reducers_for(site.stack) if site is not None else []
-    needs_eager = kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
+    uniform = _uniform_rows(session, site, query) if site is not None else None
+    needs_eager = kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or uniform is not None
     if not reducers and not needs_eager:
         if site is not None and session.tracks_queries(site.stack):  # padding, for gates and cross-attention
             n_keys = key.shape[2]
             mask = attention_mask[..., :n_keys] if attention_mask is not None else None
             _validity(session, site, mask, query.shape[0], query.shape[2], n_keys, False, query.device)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    return _chunked_attention(session, site, reducers, module, query, key, value, attention_mask, **kwargs)
+    return _chunked_attention(session, site, reducers, module, query, key, value, attention_mask, uniform=uniform,
+                              **kwargs)
+
+
+def _uniform_rows(session: _Session, site: Site, query: torch.Tensor) -> torch.Tensor | None:
+    """(B, H) bool: the heads the session's gates make attend uniformly in this call; None when none do."""
+    rows = [gate.uniform_rows(site, query.shape[0], query.device) for gate in session.gates
+            if gate.stack == site.stack]
+    rows = [r for r in rows if r is not None]
+    return functools.reduce(torch.logical_or, rows) if rows else None
 
 
 def _chunked_attention(
@@ -264,6 +287,7 @@ def _chunked_attention(
     position_bias: torch.Tensor | None = None,
     softcap: float | None = None,
     s_aux: torch.Tensor | None = None,
+    uniform: torch.Tensor | None = None,
     **_: object,
 ) -> tuple[torch.Tensor, None]:
     batch, heads, n_queries, head_dim = query.shape
@@ -307,10 +331,14 @@ def _chunked_attention(
             # start + offset + r, so mask the upper triangle of that (width x width) corner alone.
             corner = scores[..., start + offset + 1:]
             corner.masked_fill_(_upper_triangle(width, corner.shape[-1], scores.device), lowest)
+        seen = scores > lowest if uniform is not None else None
         shifted = s_aux is None and any(r.needs_logits for r in reducers)
         if shifted:  # each row's max at 0: the same softmax, and logits a reducer can sum in float32
             scores.sub_(scores.amax(dim=-1, keepdim=True))
         probs = _softmax(scores, s_aux)
+        if seen is not None:  # gated heads attend uniformly over the keys they may see
+            flat = seen.float() / seen.sum(-1, keepdim=True).clamp_min(1)
+            probs = torch.where(uniform[:, :, None, None].to(probs.device), flat, probs)
         if reducers:
             chunk = Chunk(
                 site=site,
@@ -329,7 +357,10 @@ def _chunked_attention(
                 reducer.update(chunk)
         weights = nn.functional.dropout(probs, p=dropout, training=module.training).to(value.dtype)
         out = torch.matmul(weights.view(batch, kv_heads, group * width, visible), value[:, :, :visible])
-        output[:, :, :, start:stop] = out.view(batch, kv_heads, group, width, -1)
+        out = out.view(batch, kv_heads, group, width, -1)
+        if site is not None and not bool(torch.isfinite(out).all()):  # never averaged into a statistic
+            raise NonFiniteError(_not_finite(site, out.flatten(1, 2), start, "attention output"))
+        output[:, :, :, start:stop] = out
     return output.view(batch, heads, n_queries, -1).transpose(1, 2).contiguous(), None
 
 

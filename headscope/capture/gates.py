@@ -4,6 +4,9 @@ A forward pre-hook on each attention module's output projection sees its input a
 (batch, tokens, heads * head_dim), views it as (batch, tokens, heads, head_dim) and applies, in order:
 read (before any change), replace (where ``replace_mask`` is set) and scale. This is the per-head handle
 ``head_mask`` used to be (removed in transformers v5).
+
+``uniform`` acts one step earlier, inside headscope's attention function: the chosen heads attend uniformly
+over the keys they may see, so their z is the mean of the visible values.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ class Gates:
         replace_mask: (layers, heads) or per example (batch, layers, heads) bool.
         read: "mean" keeps the per-head sum of z over tokens (see :meth:`mean`); "all" keeps z itself per
             layer and call in ``z_``, (batch, tokens, heads, head_dim).
+        uniform: (layers, heads) or per example (batch, layers, heads) bool: these heads attend uniformly
+            over their visible keys (every real key in cross-attention; keys up to the query under a causal
+            mask). Needs a model that dispatches attention through transformers' ``AttentionInterface``.
     """
 
     stack: str = "self"
@@ -35,6 +41,7 @@ class Gates:
     replace: torch.Tensor | None = None
     replace_mask: torch.Tensor | None = None
     read: Literal["mean", "all"] | None = None
+    uniform: torch.Tensor | None = None
     z_sum_: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     z_count_: dict[int, int] = field(default_factory=dict, repr=False)
     z_: dict[int, list[torch.Tensor]] = field(default_factory=dict, repr=False)
@@ -50,7 +57,8 @@ class Gates:
     def mean(self) -> torch.Tensor:
         """(layers, heads, head_dim) mean of z over every token read so far (``read="mean"``)."""
         layers = sorted(self.z_sum_)
-        return torch.stack([self.z_sum_[layer] / self.z_count_[layer] for layer in layers])
+        device = self.z_sum_[layers[0]].device  # layers spread over devices (a device map) meet on the first's
+        return torch.stack([self.z_sum_[layer].to(device) / self.z_count_[layer] for layer in layers])
 
     def apply(self, site: Site, z: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
         """Apply the gates of ``site``'s layer to z (batch, tokens, heads, head_dim); returns the new z."""
@@ -67,15 +75,30 @@ class Gates:
         elif self.read == "all":
             self.z_.setdefault(site.layer, []).append(z.detach())
         if self.replace is not None and self.replace_mask is not None:
-            mask = _per_example(self.replace_mask, site.layer, z)
+            mask = per_example(self.replace_mask, site.layer, z.shape[0], z.device)
             value = self.replace[site.layer].to(z)[None, None]
             z = torch.where(mask[:, None, :, None], value, z)
         if self.scale is not None:
-            z = z * _per_example(self.scale, site.layer, z)[:, None, :, None].to(z.dtype)
+            z = z * per_example(self.scale, site.layer, z.shape[0], z.device)[:, None, :, None].to(z.dtype)
         return z
 
+    def uniform_rows(self, site: Site, batch: int, device: torch.device) -> torch.Tensor | None:
+        """(batch, heads) bool: the heads of ``site``'s layer that attend uniformly; None when there are none."""
+        if self.uniform is None:
+            return None
+        rows = per_example(self.uniform, site.layer, batch, device).bool()
+        return rows if bool(rows.any()) else None
 
-def _per_example(table: torch.Tensor, layer: int, z: torch.Tensor) -> torch.Tensor:
-    """(batch, heads) rows of a (layers, heads) or (batch, layers, heads) table, on z's device."""
+
+def per_example(table: torch.Tensor, layer: int, batch: int, device: torch.device) -> torch.Tensor:
+    """(batch, heads) rows of a (layers, heads) or (batch, layers, heads) table, on ``device``.
+
+    A call of batch 1 under per-example rows (the shared prefix of batched ablations, before the batch is
+    expanded) takes the rows' common value; they must agree there.
+    """
     rows = table[layer][None] if table.ndim == 2 else table[:, layer]
-    return rows.to(z.device).expand(z.shape[0], -1)
+    if batch == 1 and rows.shape[0] > 1:
+        if not bool((rows == rows[:1]).all()):
+            raise ValueError(f"per-example gate rows differ at layer {layer}, which runs once for the whole batch")
+        rows = rows[:1]
+    return rows.to(device).expand(batch, -1)

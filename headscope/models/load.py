@@ -19,6 +19,7 @@ from torch import nn
 from headscope.capture.adapters import Stack, adapt
 from headscope.errors import HeadscopeError
 from headscope.models import zoo
+from headscope.models.placement import placed_on, placement_options
 
 Kind = Literal["decoder", "encoder", "encoder-decoder", "vision-language"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -67,17 +68,26 @@ def load(
     revision: str | None = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    device_map: str | dict[str, Any] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> Loaded:
     """Load a model for inspection.
 
     Args:
         source: a packaged alias (``smollm2-135m``, the default; ``gemma3-270m``, ``minilm-l6``,
-            ``whisper-tiny.en``), a local folder in ``save_pretrained`` layout, a ``.gguf`` file, or a hub id.
+            ``whisper-tiny.en``; ``synthetic-llava-smollm2``, whose vision side is untrained), a local folder in
+            ``save_pretrained`` layout, a ``.gguf`` file, or a hub id. A model whose config carries
+            ``headscope_synthetic`` says so in ``info.source["synthetic"]``.
         dtype: ``float32``, ``float16`` or ``bfloat16``.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         revision: the hub revision (hub ids only).
         trust_remote_code: run the model repository's own Python code; off unless asked.
         allow_pickle: accept pickle checkpoints (``pytorch_model.bin``), which can run code when loaded.
+        device_map: spread the model over several devices with accelerate instead of moving it to ``device``:
+            ``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``, a ``{module: device}`` dict
+            (devices ``cuda:N``/N, ``cpu`` or ``disk`` for offloaded weights), or that dict as JSON text or a
+            ``.json`` file (see :mod:`headscope.models.placement`).
+        offload_folder: where ``disk`` offload keeps weights (default: a temporary folder removed with the model).
     """
     if dtype not in DTYPES:
         raise HeadscopeError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPES)}")
@@ -88,14 +98,17 @@ def load(
         _refuse_pickle(folder, allow_pickle)
     options = {"revision": revision, "trust_remote_code": trust_remote_code}
     config = _config(folder, options, str(source))
+    if getattr(config, "headscope_synthetic", None):  # a model headscope built with untrained parts says so
+        provenance["synthetic"] = str(config.headscope_synthetic)
     kind = _kind(config)
+    placement = placement_options(device_map, offload_folder)
     with _quiet_transformers():
         model = _model_class(config, kind).from_pretrained(
-            folder, dtype=DTYPES[dtype], use_safetensors=None if allow_pickle else True, **options
+            folder, dtype=DTYPES[dtype], use_safetensors=None if allow_pickle else True, **options, **placement
         )
         processor = _processor(folder, kind, options)
-    model = model.to(device).eval()
-    info = describe(model, kind, provenance, dtype, device)
+    model = (model if placement else model.to(device)).eval()
+    info = describe(model, kind, provenance, dtype, placed_on(model) if placement else device)
     return Loaded(model, processor, info)
 
 
@@ -222,7 +235,7 @@ def _processor(folder: str, kind: Kind, options: dict[str, Any]):
     if kind in ("encoder-decoder", "vision-language"):
         try:
             return AutoProcessor.from_pretrained(folder, **options)
-        except (OSError, ValueError, TypeError):
+        except (OSError, ValueError, TypeError, ImportError):  # ImportError: e.g. Qwen2-VL's needs torchvision
             pass
     try:
         return AutoTokenizer.from_pretrained(folder, **options)

