@@ -218,6 +218,7 @@ def run(context: Context) -> AnalysisResult:
             result.tables["verify_accuracy"] = verify_accuracy(table, verify_rows)
         else:
             result.summary["verify_skipped"] = "no test passed the gate, so there are no retrieval heads to mask"
+    result.summary["chat_template_used"] = params.chat_template and bool(getattr(tokenizer, "chat_template", None))
     result.summary = {**_summary(result, table, score, params, source, documents, timing), **result.summary}
     result.seconds = time.perf_counter() - started
     return result

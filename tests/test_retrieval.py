@@ -150,6 +150,7 @@ def test_planted_copying_head_gets_the_top_score_and_uniform_heads_score_zero(pl
     assert result.summary["retrieval_heads_share"] == 1 / 8
     assert result.summary["accuracy_per_length"] == {"64": 1.0, "128": 1.0}
     assert result.summary["passed_per_length"] == {"64": 3, "128": 3}
+    assert result.summary["chat_template_used"] is False  # the word-level tokenizer has none
     # the needle really moved through the haystack
     assert tests.query("length == 128")["needle_depth"].tolist() == [0.0, pytest.approx(0.5, abs=0.2), 1.0]
 
