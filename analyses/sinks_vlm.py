@@ -70,15 +70,10 @@ def decoded(model: torch.nn.Module, scope, inputs: dict[str, torch.Tensor],
             max_new_tokens: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The greedy continuation (new tokens,) of ``inputs`` (batch 1) and the inputs that read it back in one pass:
     the prompt and every generated token but the last (the queries generation computed attention for).
-
-    A continuation that produces the image placeholder (an untrained model may) ends there: read back, the
-    placeholder would ask for image features the pixels do not hold."""
+    :func:`vhd.generate` never produces the image placeholder, which read back would ask for image features."""
     if max_new_tokens < 1:
         return inputs, torch.zeros(0, dtype=torch.long)
     new = vhd.generate(model, scope, inputs, max_new_tokens)
-    placeholder = scope.adapter.image_positions(new[None])
-    if placeholder is not None and bool(placeholder.any()):
-        new = new[: int(placeholder[0].nonzero()[0]) + 1]
     return vhd.extended(inputs, new[:-1]), new
 
 

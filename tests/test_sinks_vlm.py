@@ -123,12 +123,12 @@ def test_default_thresholds_find_no_visual_sink_in_a_tiny_untrained_model(vlm_di
     assert (judged.map("visual_sink_mass", "self").values == 0).all()
 
 
-def test_a_generated_image_placeholder_ends_the_continuation_read_back(vlm_dirs):
-    loaded = hs.load(vlm_dirs["idefics3"])  # this random model produces "<image>" within 64 greedy tokens
+def test_the_continuation_read_back_never_holds_a_generated_image_placeholder(vlm_dirs):
+    loaded = hs.load(vlm_dirs["idefics3"])  # this random model ranks "<image>" first within 64 greedy tokens
     image_token = loaded.model.config.image_token_id
     inputs = images.encode(loaded, images.shipped(1)[0])
     forced, new = sinks_vlm.decoded(loaded.model, Scope(loaded.model), inputs, 64)
-    assert len(new) < 64 and int(new[-1]) == image_token and not bool((new[:-1] == image_token).any())
+    assert not bool((new == image_token).any())
     assert int((forced["input_ids"] == image_token).sum()) == int((inputs["input_ids"] == image_token).sum())
     assert forced["input_ids"].shape[1] == inputs["input_ids"].shape[1] + len(new) - 1
 
