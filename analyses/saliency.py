@@ -36,7 +36,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -238,14 +237,7 @@ def audio_source(loaded, input_path: str | None, baseline: str) -> Source:
     """The shipped speech clip (or the user's WAV, resampled to 16 kHz) as Whisper's log-mel features, with the
     number of real frames read from the feature extractor's attention mask."""
     model, processor, _ = loaded
-    if input_path is None:
-        waveform, rate, _ = audio.load_speech()
-        description = "shipped speech clip (probes/data/speech.wav)"
-    else:
-        if Path(input_path).suffix.lower() != ".wav":
-            raise HeadscopeError(f"{input_path} is not a .wav file: Whisper models take 16-bit PCM WAV audio")
-        waveform, rate = audio.read_wav(Path(input_path)), audio.SAMPLE_RATE
-        description = f"user audio ({Path(input_path).name})"
+    waveform, rate, description = audio.speech_input(input_path)
     features = processor.feature_extractor(waveform, sampling_rate=rate, return_tensors="pt",
                                            return_attention_mask=True)
     x = features["input_features"].to(model.device, model.dtype)

@@ -29,6 +29,17 @@ def load_speech() -> tuple[np.ndarray, int, str]:
     return waveform, SAMPLE_RATE, transcript
 
 
+def speech_input(input_path: str | None) -> tuple[np.ndarray, int, str]:
+    """The speech an audio model reads: the user's WAV at ``input_path`` (resampled to 16 kHz), else the shipped
+    clip; as ``(waveform, sample_rate, description)``."""
+    if input_path is None:
+        waveform, rate, _ = load_speech()
+        return waveform, rate, "shipped speech clip (probes/data/speech.wav)"
+    if Path(input_path).suffix.lower() != ".wav":
+        raise HeadscopeError(f"{input_path} is not a .wav file: Whisper models take 16-bit PCM WAV audio")
+    return read_wav(Path(input_path)), SAMPLE_RATE, f"user audio ({Path(input_path).name})"
+
+
 def read_wav(path: Path, target_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Read an integer-PCM WAV file as a mono float32 waveform in [-1, 1] at ``target_rate`` Hz.
 

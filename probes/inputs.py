@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -50,14 +49,7 @@ def build(loaded, user_text: str | None = None, input_path: str | None = None,
 
 
 def _speech(model, processor, input_path: str | None) -> Probe:
-    if input_path is None:
-        waveform, rate, _ = audio.load_speech()
-        source = "shipped speech clip (probes/data/speech.wav)"
-    else:
-        if Path(input_path).suffix.lower() != ".wav":
-            raise HeadscopeError(f"{input_path} is not a .wav file: Whisper models take 16-bit PCM WAV audio")
-        waveform, rate = audio.read_wav(Path(input_path)), audio.SAMPLE_RATE
-        source = f"user audio ({Path(input_path).name})"
+    waveform, rate, source = audio.speech_input(input_path)
     features = processor.feature_extractor(waveform, sampling_rate=rate, return_tensors="pt")
     inputs = {"input_features": features["input_features"].to(model.dtype)}
     return Probe(inputs, [], source, _digest(waveform.tobytes()), generate=True)
