@@ -34,7 +34,7 @@ import inspect
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,7 +51,7 @@ from headscope.capture.gates import Gates
 from headscope.errors import HeadscopeError, MemoryBudgetError
 from headscope.probes import decoding
 from headscope.probes import inputs as probe_inputs
-from headscope.registry import Context, register
+from headscope.registry import Context, read_scalars, register
 from headscope.results import AnalysisResult, HeadMap
 
 Ablation = Literal["zero", "mean", "uniform"]
@@ -103,20 +103,7 @@ class Params:
 
     @classmethod
     def read(cls, given: dict[str, Any], seed: int = 0) -> Params:
-        known = [f.name for f in fields(cls)]
-        unknown = set(given) - set(known)
-        if unknown:
-            raise HeadscopeError(f"importance has no parameter {sorted(unknown)}: it takes {', '.join(known)}")
-        values: dict[str, Any] = {"seed": seed}
-        for name, value in given.items():
-            default = getattr(cls, name)
-            if isinstance(default, bool) and isinstance(value, str):
-                value = value.lower() in ("1", "true", "yes")
-            try:
-                values[name] = type(default)(value)
-            except ValueError:
-                raise HeadscopeError(f"importance.{name} takes a {type(default).__name__}, not {value!r}") from None
-        params = cls(**values)
+        params = read_scalars("importance", cls, given, seed=seed)
         valid = (params.batch_size >= 1, params.probe_tokens >= 2, 0 < params.step <= 1, params.random_orders >= 0,
                  params.tolerance >= 0, params.min_heads_per_layer >= 0, params.max_new_tokens >= 1,
                  params.memory_gib > 0)

@@ -41,7 +41,7 @@ from headscope.capture.reducers import Entropy, FullMaps, KeyMass, MeanDistance,
 from headscope.errors import HeadscopeError
 from headscope.probes import inputs as probe_inputs
 from headscope.probes import repeated as repeated_probe
-from headscope.registry import Context, register
+from headscope.registry import Context, read_scalars, register
 from headscope.results import AnalysisResult, HeadMap
 
 HeadKind = Literal["induction", "previous_token", "duplicate_token"]
@@ -74,18 +74,30 @@ TYPE_NAMES = {
 }
 
 
+@dataclass(frozen=True)
+class Params:
+    """``length`` and ``samples`` of the repeated random-token probe; ``clusters``: the most head types tried."""
+
+    length: int = repeated_probe.DEFAULT_LENGTH
+    samples: int = repeated_probe.DEFAULT_SAMPLES
+    clusters: int = MAX_CLUSTERS
+
+    @classmethod
+    def read(cls, given: dict) -> Params:
+        return read_scalars("patterns", cls, given)
+
+
 @register("patterns", kinds=("decoder", "encoder"),
           description="induction, previous- and duplicate-token heads, entropy, distance, head types",
           figures=lambda result: figures(result))
 def run(context: Context) -> AnalysisResult:
     started = time.perf_counter()
-    params = {"length": repeated_probe.DEFAULT_LENGTH, "samples": repeated_probe.DEFAULT_SAMPLES,
-              "clusters": MAX_CLUSTERS, **context.params}
+    params = Params.read(context.params)
     model, processor, info = context.loaded
     tokenizer = getattr(processor, "tokenizer", processor)
     stack = _text_stack(context)
     vocab = getattr(model.config.get_text_config(), "vocab_size", None)
-    probe = repeated_probe.build(tokenizer, params["length"], params["samples"], context.seed, info.max_tokens, vocab)
+    probe = repeated_probe.build(tokenizer, params.length, params.samples, context.seed, info.max_tokens, vocab)
     causal = info.kind == "decoder"
     offsets = DECODER_OFFSETS if causal else ENCODER_OFFSETS
 
@@ -94,13 +106,13 @@ def run(context: Context) -> AnalysisResult:
     prose_features = prose_scores(context, prose.inputs, stack, offsets)
 
     result = AnalysisResult(name="patterns", params={
-        "length": probe.length, "samples": int(probe.input_ids.shape[0]), "clusters": params["clusters"],
+        "length": probe.length, "samples": int(probe.input_ids.shape[0]), "clusters": params.clusters,
         "seed": context.seed, "stack": stack, "offsets": list(offsets), "gallery_min_weight": GALLERY_MIN_WEIGHT})
     for metric in (*KINDS, "entropy", "mean_distance"):
         values = scores[metric] if metric in scores else prose_features[metric]
         result.add_map(metric, HeadMap(values=values, stack=stack, description=DESCRIPTIONS[metric]))
 
-    taxonomy = _add_taxonomy(result, {**scores, **prose_features}, stack, context.seed, params["clusters"])
+    taxonomy = _add_taxonomy(result, {**scores, **prose_features}, stack, context.seed, params.clusters)
     top = {kind: result.top_heads(kind, k=1, stack=stack)[0][:2] for kind in KINDS}
     gallery, tokens = gallery_maps(context, probe, stack, top)
     result.tables["gallery"] = gallery

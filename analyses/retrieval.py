@@ -31,7 +31,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
 
@@ -45,13 +45,12 @@ from headscope.capture.gates import Gates
 from headscope.capture.reducers import LastRow
 from headscope.errors import HeadscopeError
 from headscope.probes import needle as probe_needle
-from headscope.registry import Context, register
+from headscope.registry import Context, check_names, register
 from headscope.results import AnalysisResult, HeadMap
 
 STACK = "self"
 DESCRIPTION = ("mean over counted needle tests of the copy-paste events per needle token: the head's argmax key "
                "lies in the needle and holds the token being generated (Wu et al. 2024)")
-ERROR_PARAM = "unknown retrieval parameter(s) {unknown}: the parameters are {known}"
 WORD = re.compile(r"[a-z0-9]+")
 EXPORT_NAME = "retrieval_heads.json"  # Retrieval_Head's {"l-h": [scores]} format
 
@@ -95,10 +94,7 @@ class Params:
     @classmethod
     def read(cls, given: dict[str, Any], seed: int = 0) -> Params:
         """Defaults overridden by ``given``; one clear error for an unknown name or a bad value."""
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(given) - set(known))
-        if unknown:
-            raise HeadscopeError(ERROR_PARAM.format(unknown=", ".join(unknown), known=", ".join(known)))
+        check_names("retrieval", cls, given)
         values: dict[str, Any] = {"seed": seed, **given}
         try:
             values["lengths"] = tuple(int(v) for v in _listed(values.get("lengths", cls.lengths)))

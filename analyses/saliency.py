@@ -35,7 +35,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -51,7 +51,7 @@ from headscope.capture.reducers import FullMaps
 from headscope.errors import HeadscopeError
 from headscope.probes import audio, decoding
 from headscope.probes import inputs as probe_inputs
-from headscope.registry import Context, register
+from headscope.registry import Context, check_names, register
 from headscope.results import AnalysisResult, HeadMap
 
 Method = Literal["saliency", "integrated_gradients", "feature_ablation", "encoder_saliency"]
@@ -61,7 +61,6 @@ MEASURES = ("pearson", "spearman", "kendall")
 STACK = "cross"
 ALIGNMENT = "alignment_heads"
 RANDOM = "random"
-ERROR_PARAM = "unknown saliency parameter(s) {unknown}: the parameters are {known}"
 ERROR_METHOD = "unknown saliency method(s) {unknown}: choose from {known}"
 DESCRIPTION = "{measure} between the head's cross-attention and {method} per output token, mean over tokens"
 METHOD_TEXT = {
@@ -124,10 +123,7 @@ class Params:
     @classmethod
     def read(cls, given: dict[str, Any], seed: int = 0) -> Params:
         """Defaults overridden by ``given``; one clear error for an unknown name or a bad value."""
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(given) - set(known))
-        if unknown:
-            raise HeadscopeError(ERROR_PARAM.format(unknown=", ".join(unknown), known=", ".join(known)))
+        check_names("saliency", cls, given)
         values: dict[str, Any] = {"seed": seed, **given}
         for name in ("methods", "deletion_fractions"):
             if name in values:

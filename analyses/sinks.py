@@ -34,7 +34,7 @@ import re
 import time
 import unicodedata
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -49,7 +49,7 @@ from headscope.errors import HeadscopeError
 from headscope.probes import decoding
 from headscope.probes import inputs as probe_inputs
 from headscope.probes import text as probe_text
-from headscope.registry import Context, register
+from headscope.registry import Context, check_names, register
 from headscope.results import AnalysisResult, HeadMap
 
 Protocol = Literal["prose", "gu"]
@@ -69,7 +69,6 @@ NO_SOURCE_TOKENS = ("not applicable: the source is audio frames, not tokens, so 
 # Language tags of multilingual translation models: >>fra<<, __en__, eng_Latn, <|en|>.
 LANGUAGE_TAG = re.compile(r"^(>>[a-z_]{2,12}<<|__[a-z]{2,3}(_[A-Za-z]+)?__|[a-z]{3}_[A-Z][a-z]{3}|<\|[a-z]{2,3}\|>)$")
 DETECTED = "detected"
-ERROR_PARAM = "unknown sinks parameter(s) {unknown}: the parameters are {known}"
 
 
 @dataclass(frozen=True)
@@ -113,10 +112,7 @@ class Params:
     @classmethod
     def read(cls, given: dict[str, Any]) -> Params:
         """Defaults overridden by ``given``; one clear error for an unknown name or a bad value."""
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(given) - set(known))
-        if unknown:
-            raise HeadscopeError(ERROR_PARAM.format(unknown=", ".join(unknown), known=", ".join(known)))
+        check_names("sinks", cls, given)
         values = dict(given)
         positions = values.get("sink_positions", DETECTED)
         if positions != DETECTED:

@@ -12,12 +12,13 @@ encoder, the decoder's self-attention and its cross-attention.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
 from headscope.capture.reducers import Entropy, KeyMass
 from headscope.probes import inputs as probe_inputs
-from headscope.registry import Context, register
+from headscope.registry import Context, read_scalars, register
 from headscope.results import AnalysisResult, HeadMap
 
 MAX_NEW_TOKENS = 64
@@ -27,10 +28,22 @@ DESCRIPTIONS = {
 }
 
 
+@dataclass(frozen=True)
+class Params:
+    """``summary`` takes one parameter: ``max_new_tokens``, the tokens an encoder-decoder decodes."""
+
+    max_new_tokens: int = MAX_NEW_TOKENS
+
+    @classmethod
+    def read(cls, given: dict) -> Params:
+        return read_scalars("summary", cls, given)
+
+
 @register("summary", kinds=("decoder", "encoder", "encoder-decoder"),
           description="per-head attention mass on the first token and entropy, in one pass")
 def run(context: Context) -> AnalysisResult:
     started = time.perf_counter()
+    params = Params.read(context.params)
     probe = probe_inputs.build(context.loaded, context.text, context.input_path, context.max_tokens)
     model = context.loaded.model
     mass, entropy = KeyMass(positions=(0,)), Entropy()
@@ -38,13 +51,13 @@ def run(context: Context) -> AnalysisResult:
     summary: dict = {"input": probe.source, "tokens": len(probe.tokens)}
     with torch.no_grad(), context.scope.capture(mass, entropy):
         if probe.generate:
-            generated = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+            generated = model.generate(**inputs, max_new_tokens=params.max_new_tokens, do_sample=False)
             processor = context.loaded.processor
             summary["output"] = processor.batch_decode(generated, skip_special_tokens=True)[0].strip()
             summary["tokens"] = int(generated.shape[1])
         else:
             model(**inputs)
-    result = AnalysisResult(name="summary", params={"positions": [0], "max_new_tokens": MAX_NEW_TOKENS})
+    result = AnalysisResult(name="summary", params={"positions": [0], "max_new_tokens": params.max_new_tokens})
     for metric, reducer in (("first_token_mass", mass), ("entropy", entropy)):
         for stack, values in reducer.result().items():
             result.add_map(metric, HeadMap(values=values, stack=stack, description=DESCRIPTIONS[metric]))

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -40,7 +40,7 @@ from headscope.capture.gates import Gates
 from headscope.capture.reducers import LastRow, Reducer
 from headscope.errors import HeadscopeError
 from headscope.probes import images
-from headscope.registry import Context, register
+from headscope.registry import Context, read_scalars, register
 from headscope.results import AnalysisResult, HeadMap
 
 Average = Literal["prompts", "tokens"]
@@ -53,7 +53,6 @@ DESCRIPTIONS = {
     "image_attention": "attention mass from the generation position to the image tokens, mean over generated "
                        "positions and prompts",
 }
-ERROR_PARAM = "unknown vhd parameter(s) {unknown}: the parameters are {known}"
 ERROR_NO_IMAGE_TOKEN = ("{model} has no image token in its config (image_token_id / image_token_index): vhd needs a "
                         "vision-language model that marks image positions with a placeholder token")
 
@@ -89,21 +88,7 @@ class Params:
     @classmethod
     def read(cls, given: dict[str, Any], seed: int = 0) -> Params:
         """Defaults overridden by ``given``; one clear error for an unknown name or a bad value."""
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(given) - set(known))
-        if unknown:
-            raise HeadscopeError(ERROR_PARAM.format(unknown=", ".join(unknown), known=", ".join(known)))
-        values: dict[str, Any] = {"seed": seed}
-        for name, value in given.items():
-            default = getattr(cls, name)
-            if isinstance(default, bool) and isinstance(value, str):
-                value = value.lower() in ("1", "true", "yes")
-            try:
-                values[name] = value if isinstance(default, str) else type(default)(value)
-            except (TypeError, ValueError):
-                raise HeadscopeError(f"vhd parameter {name} must be a {type(default).__name__}, "
-                                     f"got {value!r}") from None
-        params = cls(**values)
+        params = read_scalars("vhd", cls, given, seed=seed)
         if params.average not in get_args(Average):
             raise HeadscopeError(f"average must be one of {', '.join(get_args(Average))}, got {params.average!r}")
         if params.prompts < 1 or params.max_new_tokens < 1 or params.top_k < 1 or params.outlier_iqr < 0:

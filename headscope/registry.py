@@ -6,7 +6,7 @@ Adding an analysis adds its ``headscope analyze --analyses`` option for free.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +78,32 @@ def register(
         return run
 
     return decorate
+
+
+def check_names(analysis: str, params_class: type, given: dict[str, Any]) -> None:
+    """One clear error when ``given`` names a parameter the dataclass ``params_class`` does not have."""
+    known = [f.name for f in fields(params_class)]
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise HeadscopeError(f"unknown {analysis} parameter(s) {', '.join(unknown)}: the parameters are "
+                             f"{', '.join(known)}")
+
+
+def read_scalars(analysis: str, params_class: type, given: dict[str, Any], **fixed: Any) -> Any:
+    """``params_class`` (a dataclass of bool, int, float and str fields) with ``given``'s values, each converted to
+    its default's type (``--set`` gives strings; a bool reads 1, true or yes), and ``fixed`` set as they are."""
+    check_names(analysis, params_class, given)
+    values = dict(fixed)
+    for name, value in given.items():
+        default = getattr(params_class, name)
+        if isinstance(default, bool) and isinstance(value, str):
+            value = value.lower() in ("1", "true", "yes")
+        try:
+            values[name] = type(default)(value)
+        except (TypeError, ValueError):
+            wanted = {int: "an integer", float: "a number"}.get(type(default), type(default).__name__)
+            raise HeadscopeError(f"{analysis}.{name} takes {wanted}, not {value!r}") from None
+    return params_class(**values)
 
 
 def list_analyses() -> list[str]:
