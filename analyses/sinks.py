@@ -12,19 +12,20 @@ For every attention stack of the model, per head (formulas and references: ``doc
   1[alpha > eps];
 - ``residual_mass`` = mean over queries of 1 - sum_s A[l, h, t, s], kept only when some head withholds
   mass (a learned sink logit such as GPT-OSS's ``s_aux``);
-- cross-attention with a text source (the NLLB-200 sink study): ``noncontent_mass`` on the non-content
-  source tokens N (end of sequence, language tags, punctuation, special and whitespace-only tokens),
-  ``entropy`` of the raw rows and ``filtered_entropy`` of the rows renormalised over content tokens.
+- cross-attention (the NLLB-200 sink study): ``noncontent_mass`` on the non-content source positions N (text
+  sources: end of sequence, language tags, punctuation, special and whitespace-only tokens; audio sources:
+  the padding after the clip and its silent frames), ``entropy`` of the raw rows and ``filtered_entropy`` of
+  the rows renormalised over content positions.
 
 Tables: ``layers`` (per layer: mean sink mass and score, share of heads over eps), ``sink_tokens``
 (positions that receive more than ``token_threshold`` of the attention, averaged over heads and the
 queries that see them), ``attention_by_position`` (the same, averaged over layers too),
-``massive_activations`` (Sun et al. 2024, "Massive Activations in Large Language Models") and, for text
-sources, ``source_tokens``. Text models read the probe in one forward pass; encoder-decoders decode it
-greedily. Vision-language models decode a shapes picture's prompt greedily and read the prompt and continuation
-back in one pass: the maps above cover the language stack (``self``) and the vision tower (``vision``), and
-:mod:`headscope.analyses.sinks_vlm` adds the attention on image tokens, the visual sink tokens and the
-image-centric heads of Kang et al. (ICLR 2025).
+``massive_activations`` (Sun et al. 2024, "Massive Activations in Large Language Models") and
+``source_tokens`` (text sources) or ``source_frames`` (audio sources). Text models read the probe in one
+forward pass; encoder-decoders decode it greedily. Vision-language models decode a shapes picture's prompt
+greedily and read the prompt and continuation back in one pass: the maps above cover the language stack
+(``self``) and the vision tower (``vision``), and :mod:`headscope.analyses.sinks_vlm` adds the attention on
+image tokens, the visual sink tokens and the image-centric heads of Kang et al. (ICLR 2025).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from headscope import distributed
 from headscope.analyses import sinks_vlm
 from headscope.capture.reducers import Entropy, FilteredEntropy, KeyMass, KeyReceived, Reducer, ResidualMass, SinkMass
 from headscope.errors import HeadscopeError
+from headscope.probes import audio as probe_audio
 from headscope.probes import decoding
 from headscope.probes import inputs as probe_inputs
 from headscope.probes import text as probe_text
@@ -60,12 +62,12 @@ DESCRIPTIONS = {
     "sink_mass": "mean attention mass on the sink set S (queries that can see S, outside it)",
     "sink_score": "Gu et al.'s alpha: mean attention on the first token over the queries that can see it",
     "residual_mass": "mean attention withheld by a learned sink logit: 1 - sum of the row",
-    "noncontent_mass": "mean cross-attention mass on non-content source tokens",
+    "noncontent_mass": "mean cross-attention mass on non-content source positions",
     "entropy": "mean cross-attention entropy in nats, raw rows",
     "filtered_entropy": "mean cross-attention entropy in nats, rows renormalised over content tokens",
 }
-NO_SOURCE_TOKENS = ("not applicable: the source is audio frames, not tokens, so there are no non-content "
-                    "source tokens to filter")
+NO_SOURCE_TOKENS = ("not applicable: the source is neither tokens nor a waveform headscope read, so no "
+                    "non-content positions are known")
 # Language tags of multilingual translation models: >>fra<<, __en__, eng_Latn, <|en|>.
 LANGUAGE_TAG = re.compile(r"^(>>[a-z_]{2,12}<<|__[a-z]{2,3}(_[A-Za-z]+)?__|[a-z]{3}_[A-Z][a-z]{3}|<\|[a-z]{2,3}\|>)$")
 DETECTED = "detected"
@@ -87,6 +89,8 @@ class Params:
         massive_threshold: |x| above which an activation can be massive (Sun et al.: 100).
         massive_ratio: |x| / median |x| of the layer above which it can be massive (about 1000).
         max_new_tokens: tokens decoded by encoder-decoders and vision-language models (0: the prompt alone).
+        silence_db: audio sources: a 20 ms encoder frame of the clip is silence, hence non-content, when its RMS
+            lies more than this many dB below the clip's loudest frame (0: padding alone is non-content).
         top_k: sink heads listed per stack in the summary.
         visual_tau: vision-language models: |phi| above which a dimension of the weight-free RMS-normalised state
             is massive (Kang et al.: 20), for the sink dimensions and the visual sink tokens.
@@ -103,6 +107,7 @@ class Params:
     massive_threshold: float = 100.0
     massive_ratio: float = 1000.0
     max_new_tokens: int = 64
+    silence_db: float = 40.0
     top_k: int = 5
     visual_tau: float = 20.0
     visual_min_layer: int = 2
@@ -127,9 +132,9 @@ class Params:
         if not 0 < params.eps < 1 or not 0 < params.token_threshold < 1:
             raise HeadscopeError("eps and token_threshold must lie between 0 and 1")
         if not (params.visual_tau > 0 and params.visual_min_layer >= 0 and 0 <= params.centric_ratio <= 1
-                and 0 <= params.centric_mass <= 1 and params.max_new_tokens >= 0):
+                and 0 <= params.centric_mass <= 1 and params.max_new_tokens >= 0 and params.silence_db >= 0):
             raise HeadscopeError("sinks needs visual_tau > 0, visual_min_layer >= 0, centric_ratio and centric_mass "
-                                 "between 0 and 1, and max_new_tokens >= 0")
+                                 "between 0 and 1, and max_new_tokens and silence_db >= 0")
         return params
 
 
@@ -144,6 +149,8 @@ class _Pass:
     alpha: dict[str, np.ndarray] = field(default_factory=dict)  # per stack, this input's sink scores
     sink_sets: dict[str, list[int]] = field(default_factory=dict)  # per stack, the detected S of sink_mass
     output: str | None = None  # what an encoder-decoder decoded
+    waveform: np.ndarray | None = None  # an audio source's clip
+    frames: list[str] | None = None  # an audio source: why each encoder position is non-content ("" if not)
     hidden: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
     labels: dict[str, list[str]] = field(default_factory=dict)
 
@@ -204,6 +211,9 @@ def run(context: Context) -> AnalysisResult:
         summary.update(_cross_summary(result))
         if "input_ids" in passes[0].inputs:
             result.tables["source_tokens"] = _source_table(passes[0], tokenizer)
+        elif passes[0].frames is not None:
+            result.tables["source_frames"] = _frames_table(passes[0].frames)
+            summary["noncontent_set_cross"] = _frames_summary(result.tables["source_frames"])
     result.summary = summary
     result.seconds = time.perf_counter() - started
     return result
@@ -240,8 +250,8 @@ def _passes(context: Context, params: Params) -> tuple[list[_Pass], str]:
         return [_Pass(inputs, probe.generate) for inputs in chosen], source
     if params.protocol == "gu":
         source = f"{probe.source} (Gu et al.'s protocol needs text; the audio is measured as it is)"
-        return [_Pass(probe.inputs, probe.generate)], source
-    return [_Pass(probe.inputs, probe.generate)], probe.source
+        return [_Pass(probe.inputs, probe.generate, waveform=probe.waveform)], source
+    return [_Pass(probe.inputs, probe.generate, waveform=probe.waveform)], probe.source
 
 
 def noncontent(tokenizer, ids: list[int]) -> list[str]:
@@ -277,8 +287,15 @@ def _measure(context: Context, params: Params, one: _Pass, tokenizer) -> None:
                     "residual_mass": ResidualMass()}
     inputs = {name: tensor.to(model.device) for name, tensor in one.inputs.items()}
     source_ids = inputs["input_ids"][0].tolist() if "input_ids" in inputs else None
-    if "cross" in stacks and source_ids is not None:
-        exclude = torch.tensor([bool(r) for r in noncontent(tokenizer, source_ids)], device=model.device)[None]
+    reasons = None
+    if source_ids is not None:
+        reasons = noncontent(tokenizer, source_ids)
+    elif one.waveform is not None:  # Whisper: 10 ms mel frames, halved by the encoder's stride-2 convolution
+        positions = inputs["input_features"].shape[-1] // 2
+        one.frames = reasons = probe_audio.frame_reasons(one.waveform, probe_audio.SAMPLE_RATE, positions,
+                                                         silence_db=params.silence_db)
+    if "cross" in stacks and reasons is not None:
+        exclude = torch.tensor([bool(r) for r in reasons], device=model.device)[None]
         one.reducers["noncontent_mass"] = KeyMass(key_mask=exclude, exclude_own=False, stacks=("cross",))
         one.reducers["entropy"] = Entropy(stacks=("cross",))
         one.reducers["filtered_entropy"] = FilteredEntropy(exclude, stacks=("cross",))
@@ -487,6 +504,29 @@ def _source_table(one: _Pass, tokenizer) -> pd.DataFrame:
     reasons = noncontent(tokenizer, ids)
     return pd.DataFrame({"position": range(len(ids)), "token": _texts(tokenizer, ids),
                          "non_content": [bool(r) for r in reasons], "reason": reasons})
+
+
+def _frames_table(reasons: list[str]) -> pd.DataFrame:
+    """Runs of consecutive audio encoder positions with the same reason ("" for speech), 20 ms each."""
+    rows, start = [], 0
+    for position in range(1, len(reasons) + 1):
+        if position == len(reasons) or reasons[position] != reasons[start]:
+            rows.append({"first_position": start, "last_position": position - 1, "frames": position - start,
+                         "start_s": round(0.02 * start, 2), "end_s": round(0.02 * position, 2),
+                         "non_content": bool(reasons[start]), "reason": reasons[start] or "speech"})
+            start = position
+    return pd.DataFrame(rows)
+
+
+def _frames_summary(frames: pd.DataFrame) -> str:
+    """The audio non-content set in words: the padding's span and the count of silent frames."""
+    parts = []
+    padding = frames[frames["reason"] == "padding"]
+    if len(padding):
+        parts.append(f"padding after {padding['start_s'].min():.2f} s ({int(padding['frames'].sum())} frames)")
+    silence = frames[frames["reason"] == "silence"]
+    parts.append(f"{int(silence['frames'].sum())} silent frames in {len(silence)} run(s)")
+    return "; ".join(parts)
 
 
 def _label(labels: list[str], position: int) -> str:

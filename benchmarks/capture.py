@@ -13,6 +13,11 @@ Methods:
     nnsight    nnsight 0.8 tracing the eager model; each layer's attention probabilities (the second output
                of its ``self_attn``) are reduced inside the trace, so full maps are not all kept.
                Runs in ``benchmarks/.peers-venv`` (``benchmarks/setup_peers.sh``), never in the project's venv.
+    transformerlens
+               TransformerLens 4.3's ``TransformerBridge.boot_transformers`` on the model's folder (the raw weights,
+               eager attention forced), each layer's ``hook_pattern`` reduced inside its hook under
+               ``run_with_hooks``. Runs in ``benchmarks/.tl-venv`` (its own: TransformerLens pins what nnsight and
+               inseq conflict with).
     headscope  ``Scope(model).capture(KeyMass(), Entropy())`` around one forward.
 
 Memory: on CPU the peak resident set of the worker process during the forward (``ru_maxrss``, whose
@@ -55,11 +60,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 PEERS_PYTHON = BENCH / ".peers-venv" / "bin" / "python"
+TL_PYTHON = BENCH / ".tl-venv" / "bin" / "python"
 DOCS = ROOT / "docs" / "performance.md"
 RESULTS = BENCH / "results"
 
-METHODS = ("sdpa", "eager", "nnsight", "headscope")
-STAT_METHODS = ("eager", "nnsight", "headscope")
+METHODS = ("sdpa", "eager", "nnsight", "transformerlens", "headscope")
+STAT_METHODS = ("eager", "nnsight", "transformerlens", "headscope")
 DEFAULT_LENGTHS = (512, 2048, 4096, 8192)
 SMOKE_LENGTHS = (32, 64)
 SMOKE_MODEL = "tiny-llama"
@@ -164,13 +170,37 @@ def _reduce_maps(maps) -> tuple[Any, Any]:
 
     masses, entropies = [], []
     for probs in maps:
-        probs = probs[0].float()
-        masses.append(probs[:, 1:, 0].double().mean(-1))
-        entropies.append(-torch.special.xlogy(probs, probs).sum(-1).double().mean(-1))
+        _reduce_pattern(probs, masses, entropies)
     return torch.stack(masses), torch.stack(entropies)
 
 
-def _runner(method: str, model):
+def _reduce_pattern(probs, masses: list, entropies: list) -> None:
+    """Append one layer's first-token mass and entropy per head, from its (1, H, T, T) probabilities."""
+    import torch
+
+    probs = probs[0].float()
+    masses.append(probs[:, 1:, 0].double().mean(-1))
+    entropies.append(-torch.special.xlogy(probs, probs).sum(-1).double().mean(-1))
+
+
+def _bridge(model, spec: dict[str, Any]):
+    """TransformerLens's bridge over the same weights, booted from a folder (no hub)."""
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoTokenizer
+
+    from headscope.models import zoo
+
+    if spec["model"] == SMOKE_MODEL:  # the tiny model gets a folder of its own and SmolLM2's tokenizer
+        folder = tempfile.mkdtemp(prefix="headscope-bench-tiny-")
+        model.save_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(zoo.materialise("smollm2-135m"))
+    else:
+        folder = zoo.materialise(spec["model"]) if spec["model"] in zoo.PACKAGED else spec["model"]
+        tokenizer = None
+    return TransformerBridge.boot_transformers(str(folder), device=spec["device"], tokenizer=tokenizer)
+
+
+def _runner(method: str, model, spec: dict[str, Any]):
     """A callable ``run(ids) -> (mass, entropy) | None`` for the method; the model is prepared here."""
     import torch
 
@@ -219,6 +249,16 @@ def _runner(method: str, model):
             return torch.from_numpy(mass.result()["self"]), torch.from_numpy(entropy.result()["self"])
 
         return run
+    if method == "transformerlens":
+        bridge = _bridge(model, spec)
+
+        def run(ids):
+            masses, entropies = [], []
+            bridge.run_with_hooks(ids, fwd_hooks=[(lambda name: name.endswith("attn.hook_pattern"),
+                                                   lambda probs, hook: _reduce_pattern(probs, masses, entropies))])
+            return torch.stack(masses), torch.stack(entropies)
+
+        return run
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -231,7 +271,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     device = spec["device"]
     cuda = device.startswith("cuda")
     model, ids, warmup_ids = _load(spec)
-    run = _runner(spec["method"], model)
+    run = _runner(spec["method"], model, spec)
+    if spec["method"] == "transformerlens":  # the bridge loaded its own copy of the weights
+        del model
+        gc.collect()
 
     def sync():
         if cuda:
@@ -282,6 +325,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         import nnsight
 
         result["versions"]["nnsight"] = nnsight.__version__
+    if spec["method"] == "transformerlens":
+        result["versions"]["transformer_lens"] = metadata.version("transformer-lens")
     if stats is not None:
         mass, entropy = stats
         result["mass"] = mass.double().cpu().tolist()
@@ -384,6 +429,8 @@ def estimate_bytes(method: str, tokens: int, shape: dict[str, Any], cuda: bool) 
         return base + shape["layers"] * one_map + 3 * one_map + t * t * 4
     if method == "nnsight":  # one layer's map at a time, plus scores, softmax and the reduction's copy
         return base + 4 * one_map + t * t * 4
+    if method == "transformerlens":  # as nnsight, plus the hooked scores and pattern the bridge keeps alive
+        return base + 6 * one_map + t * t * 4
     if method == "headscope":  # query chunks within the engine's budget (256 MiB by default)
         return base + int(0.5 * GIB) + t * t
     raise ValueError(method)
@@ -392,6 +439,8 @@ def estimate_bytes(method: str, tokens: int, shape: dict[str, Any], cuda: bool) 
 def _python_for(method: str) -> Path | None:
     if method == "nnsight":
         return PEERS_PYTHON if PEERS_PYTHON.exists() else None
+    if method == "transformerlens":
+        return TL_PYTHON if TL_PYTHON.exists() else None
     return Path(sys.executable)
 
 
@@ -485,9 +534,10 @@ def machine_info(device: str, cells: list[dict[str, Any]]) -> dict[str, Any]:
     ok = [c for c in cells if c.get("status") == "ok"]
     versions = dict(ok[0]["versions"]) if ok else {
         "torch": _version("torch"), "transformers": _version("transformers")}
-    nnsight_version = next((c["versions"].get("nnsight") for c in ok if c["method"] == "nnsight"), None)
-    if nnsight_version:
-        versions["nnsight"] = nnsight_version
+    for method, package in (("nnsight", "nnsight"), ("transformerlens", "transformer_lens")):
+        version = next((c["versions"].get(package) for c in ok if c["method"] == method), None)
+        if version:
+            versions[package] = version
     versions["headscope"] = _version("headscope")
     info = _meminfo()
     return {
@@ -587,6 +637,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--write-docs", action="store_true", help="with --smoke, still write docs/performance.md")
     parser.add_argument("--jobs", type=int, help="cells run at once (default 1; with --smoke, the cores): more than "
                         "one disturbs the timings, so only for checking that the suite works")
+    parser.add_argument("--merge", action="store_true", help="keep the other cells of the JSON an earlier run "
+                        "wrote (its methods and lengths), replacing only this run's, and render them all")
     parser.add_argument("--dry-run", action="store_true", help="print the cells, estimates and skips; run nothing")
     parser.add_argument("--no-estimate", action="store_true", help="run every cell, even one estimated not to fit")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -644,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
             python = _python_for(method)
             if python is None:
                 cell.update(status="skipped",
-                            note="skipped: nnsight not installed (run benchmarks/setup_peers.sh)")
+                            note=f"skipped: {method} not installed (run benchmarks/setup_peers.sh)")
             elif cuda and not _has_cuda(python):
                 cell.update(status="skipped", note=f"skipped: the torch of {python} has no CUDA")
             elif estimate > FIT_FRACTION * available and not args.no_estimate:
@@ -668,12 +720,20 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.dry_run:
         return 0
+    command = "python benchmarks/capture.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.merge and json_path.is_file():  # keep the earlier run's other cells; this run's replace its own
+        earlier = json.loads(json_path.read_text())
+        ran = {(c["method"], c["tokens"]) for c in cells}
+        cells = [c for c in earlier["cells"] if (c["method"], c["tokens"]) not in ran] + cells
+        args.methods = [m for m in METHODS if m in set(args.methods) | set(earlier["run"]["methods"])]
+        args.lengths = sorted(set(args.lengths) | set(earlier["run"]["lengths"]))
+        command = f"{earlier['run']['command']}` and `{command}"
     compare(cells)
     report = {
         "machine": machine_info(args.device, cells),
         "run": {
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": "python benchmarks/capture.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "command": command,
             "model": args.model, "shape": shape, "lengths": args.lengths, "methods": args.methods,
             "threads": args.threads, "device": args.device, "cuda": cuda, "load_average": load_average,
             "repeats_note": f"{args.repeats} run(s)" if args.repeats else "3 runs (1 at 8192 tokens)",

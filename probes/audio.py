@@ -80,3 +80,26 @@ def _resample(waveform: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
 
     common = gcd(rate, target_rate)
     return resample_poly(waveform, target_rate // common, rate // common)
+
+
+def frame_reasons(waveform: np.ndarray, rate: int, positions: int, seconds_per_position: float = 0.02,
+                  silence_db: float = 40.0) -> list[str]:
+    """Why each audio encoder position is non-content ("" for speech): ``"padding"`` where it starts at or after
+    the end of the clip (Whisper pads every clip to 30 s), ``"silence"`` where the clip's RMS over the position's
+    window lies more than ``silence_db`` dB below its loudest window (``silence_db <= 0``: no silence test).
+
+    ``seconds_per_position`` is the audio an encoder position covers: 20 ms for Whisper (10 ms mel frames, then
+    a stride-2 convolution).
+    """
+    width = round(seconds_per_position * rate)
+    spoken = min(positions, -(-len(waveform) // width))  # positions that hold some of the clip
+    reasons = ["padding"] * positions
+    if spoken == 0:
+        return reasons
+    padded = np.zeros(spoken * width, dtype=np.float64)
+    padded[: len(waveform)] = waveform[: spoken * width]
+    rms = np.sqrt(np.mean(padded.reshape(spoken, width) ** 2, axis=1))
+    floor = rms.max() * 10 ** (-silence_db / 20) if silence_db > 0 else 0.0
+    for position in range(spoken):
+        reasons[position] = "silence" if rms[position] < floor else ""
+    return reasons

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from headscope.errors import HeadscopeError
@@ -24,6 +25,7 @@ class Probe:
     source: str
     digest: str
     generate: bool = False
+    waveform: np.ndarray | None = None  # audio models: the 16 kHz clip the features were made from
 
 
 def build(loaded, user_text: str | None = None, input_path: str | None = None,
@@ -52,7 +54,7 @@ def _speech(model, processor, input_path: str | None) -> Probe:
     waveform, rate, source = audio.speech_input(input_path)
     features = processor.feature_extractor(waveform, sampling_rate=rate, return_tensors="pt")
     inputs = {"input_features": features["input_features"].to(model.dtype)}
-    return Probe(inputs, [], source, _digest(waveform.tobytes()), generate=True)
+    return Probe(inputs, [], source, _digest(waveform.tobytes()), generate=True, waveform=waveform)
 
 
 def _picture(loaded, user_text: str | None, input_path: str | None) -> Probe:

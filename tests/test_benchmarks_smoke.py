@@ -71,3 +71,35 @@ def test_smoke_suite_writes_every_cell(tmp_path):
         assert len(row.strip("|").split("|")) == 9, row
     assert "| tokens | method | time (s) |" in table and "Machine:" in table
     assert "| tokens | method |" in done.stdout  # the table is printed too
+
+
+def test_whole_suite_smoke_run_writes_targets_growth_retrieval_and_importance(tmp_path):
+    """``benchmarks/suite.py --smoke``: the three benchmarks on tiny random models, one summary block with every
+    target (measured or marked not measured), growth exponents, the retrieval rows and the importance line."""
+    docs = tmp_path / "performance.md"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "suite.py"), "--smoke", "--methods", "sdpa,eager,headscope",
+         "--out", str(tmp_path), "--docs", str(docs)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    report = json.loads((tmp_path / "suite-cpu.json").read_text())
+    targets = {row["target"]: row for row in report["targets"]}
+    assert len(targets) == 8 and all(row["met"] in (True, False, None) for row in targets.values())
+    assert targets["retrieval scoring within 1.3x of greedy generation"]["met"] is not None
+    assert any(name.startswith("batched ablation >= 2.5x") for name in targets)
+    for method in ("sdpa", "eager", "headscope"):  # two smoke lengths: a time exponent each
+        assert _number(report["growth"][method]["time_s"])
+    rows = report["retrieval"]["rows"]
+    assert len(rows) == 2 and all(row["same_argmax_as_retrieval_head"] == 1.0 for row in rows)
+    assert all(row["same_tokens"] for row in rows)
+    importance = report["importance"]
+    assert importance["heads"] == 8 and importance["max_abs_difference"] < 1e-5
+    assert all(_number(importance[key]) and importance[key] > 0 for key in (
+        "ablation_loop_s", "ablation_batched_s", "gradient_s", "forward_backward_s"))
+
+    text = docs.read_text()
+    block = text[text.index("<!-- suite:cpu:start -->"):text.index("<!-- suite:cpu:end -->")]
+    assert "| target | measured | met |" in block and "Machine:" in block and "Retrieval_Head loop" in block
+    assert "<!-- capture-benchmark:start -->" in text  # the capture table, written by the same run

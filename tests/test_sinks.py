@@ -31,6 +31,10 @@ from headscope.capture.reducers import (
     renormalised,
 )
 from headscope.models import zoo
+from headscope.probes import decoding
+from headscope.probes import inputs as probe_inputs
+from headscope.probes.audio import frame_reasons as audio_frames
+from headscope.probes.audio import speech_input
 from headscope.probes.text import prose
 from headscope.registry import Context
 from headscope.results import Results
@@ -422,7 +426,45 @@ def test_whisper_sinks_on_three_stacks_from_the_command_line(tmp_path: Path) -> 
     result = Results.load(tmp_path / "results.json")["sinks"]
     _report("whisper-tiny.en", result)
     assert {stack for _, stack in result.maps} == {"encoder", "decoder", "cross"}
-    assert result.summary["cross_noncontent"] == sinks.NO_SOURCE_TOKENS
     decoder = result.tables["attention_by_position"].query("stack == 'decoder'")
     assert decoder["token"].iloc[0] == "<|startoftranscript|>"  # the start tokens generate() leaves out count
     assert all(f"sink_rate_{stack}" in result.summary for stack in ("encoder", "decoder", "cross"))
+    print(f"whisper-tiny.en cross-attention: non-content {result.summary['noncontent_set_cross']}, share "
+          f"{result.summary['noncontent_share_cross']}, entropy raw {result.summary['cross_entropy_raw']} / "
+          f"filtered {result.summary['cross_entropy_filtered']}")
+
+    # the audio non-content set: the padding starts where the clip ends, and the maps equal eager attention
+    waveform, rate, _ = speech_input(None)
+    frames = result.tables["source_frames"]
+    reasons = np.repeat(frames["reason"].to_numpy(), frames["frames"].to_numpy())
+    assert len(reasons) == 1500 and frames["reason"].iloc[-1] == "padding"
+    assert frames["first_position"].iloc[-1] == -(-len(waveform) // (rate // 50))
+    assert 0 < (reasons == "silence").sum() < (reasons == "speech").sum()
+    loaded = headscope.load("whisper-tiny.en")
+    eager = loaded.model
+    eager.set_attn_implementation("eager")
+    features = probe_inputs.build(loaded).inputs
+    sequence = decoding.own_output(eager, features, 64).sequence
+    assert loaded.processor.tokenizer.decode(sequence[0], skip_special_tokens=True).strip() == result.summary["output"]
+    with torch.no_grad():
+        cross = eager(**features, decoder_input_ids=sequence[:, :-1], output_attentions=True).cross_attentions
+    attention = torch.stack(cross)[:, 0]  # (layers, heads, queries, 1500)
+    noncontent = torch.tensor(reasons != "speech")
+    expected = attention[..., noncontent].sum(-1).mean(-1).numpy()
+    np.testing.assert_allclose(result.map("noncontent_mass", "cross").values, expected, rtol=0, atol=1e-4)
+    kept = attention[..., ~noncontent]
+    kept = kept / kept.sum(-1, keepdim=True)
+    filtered = -(kept * kept.clamp_min(1e-30).log()).sum(-1).mean(-1).numpy()
+    np.testing.assert_allclose(result.map("filtered_entropy", "cross").values, filtered, rtol=0, atol=1e-3)
+
+
+def test_audio_frames_past_the_clip_are_padding_and_quiet_ones_silence() -> None:
+    rate = 16000
+    t = np.arange(rate) / rate
+    tone = 0.5 * np.sin(2 * np.pi * 440 * t)  # 1 s of sound, 0.5 s of near-silence (-60 dB), 0.5 s of sound
+    waveform = np.concatenate([tone, 0.0005 * tone[: rate // 2], tone[: rate // 2]]).astype(np.float32)
+    reasons = audio_frames(waveform, rate, positions=150)
+    assert reasons[:50] == [""] * 50 and reasons[50:75] == ["silence"] * 25 and reasons[75:100] == [""] * 25
+    assert reasons[100:] == ["padding"] * 50
+    assert audio_frames(waveform, rate, positions=150, silence_db=0)[50:75] == [""] * 25  # padding alone
+    assert audio_frames(waveform, rate, positions=150, silence_db=80)[50:75] == [""] * 25  # -60 dB is above -80
