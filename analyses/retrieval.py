@@ -40,6 +40,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
+from headscope import distributed
 from headscope.capture.engine import Scope
 from headscope.capture.gates import Gates
 from headscope.capture.reducers import LastRow
@@ -181,20 +182,23 @@ def run(context: Context) -> AnalysisResult:
 
     model = loaded.model
     layers, heads = scope.stacks[STACK].layers, scope.stacks[STACK].heads
-    rows, scores = [], np.zeros((len(tests), layers, heads))
-    timing = Counter()
-    for number, test in enumerate(tests):
+    mine = []
+    for number, test in distributed.split(list(enumerate(tests))):  # under torchrun, a share of the tests each
         generation = greedy(model, scope, tokenizer, torch.tensor([test.input_ids]), params.max_new_tokens,
                             score=True)
-        timing.update(generation.seconds)
         output = generation.texts[0]
         recall = rouge1_recall(test.needle.answer, output)
-        scores[number] = copy_paste_scores(generation.positions, generation.tokens[0], test.input_ids, test.span)
-        rows.append({"test": number, "length": test.length, "prompt_tokens": len(test.input_ids),
-                     "depth": test.depth, "needle_depth": round(test.actual_depth, 4), "needle": test.needle_index,
-                     "needle_start": test.span[0], "needle_stop": test.span[1], "output": output,
-                     "recall": recall, "passed": recall > params.recall,
-                     "generated_tokens": len(generation.tokens[0])})
+        found = copy_paste_scores(generation.positions, generation.tokens[0], test.input_ids, test.span)
+        row = {"test": number, "length": test.length, "prompt_tokens": len(test.input_ids), "depth": test.depth,
+               "needle_depth": round(test.actual_depth, 4), "needle": test.needle_index,
+               "needle_start": test.span[0], "needle_stop": test.span[1], "output": output, "recall": recall,
+               "passed": recall > params.recall, "generated_tokens": len(generation.tokens[0])}
+        mine.append((number, generation.seconds, found, row))
+    rows, scores, timing = [], np.zeros((len(tests), layers, heads)), Counter()
+    for number, seconds, found, row in sorted(distributed.gathered(mine), key=lambda one: one[0]):
+        scores[number] = found
+        timing.update(seconds)
+        rows.append(row)
     table = pd.DataFrame(rows)
     passed = table["passed"].to_numpy(bool)
     score = scores[passed].mean(axis=0) if passed.any() else np.full((layers, heads), np.nan)

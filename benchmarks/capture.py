@@ -576,7 +576,8 @@ def render(report: dict[str, Any]) -> str:
         floor = next((c for c in cells if c["tokens"] == tokens and c["method"] == "sdpa" and c["status"] == "ok"),
                      None)
         for method in run["methods"]:
-            cell = next(c for c in cells if c["tokens"] == tokens and c["method"] == method)
+            cell = next((c for c in cells if c["tokens"] == tokens and c["method"] == method),
+                        {"status": "not run", "note": "not run"})  # a merged run may lack a cell
             if cell["status"] != "ok":
                 note = cell["note"].replace("|", "\\|").replace("\n", " ")
                 lines.append(f"| {tokens} | {method} | – | – | – | – | – | – | {note} |")

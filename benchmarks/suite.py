@@ -13,6 +13,7 @@ too) and into ``benchmarks/results/suite-<device>.json``.
     python benchmarks/suite.py --reuse-capture       # the capture table from benchmarks/results/capture-cpu.json
     python benchmarks/suite.py --device cuda         # a GPU: results kept apart (suite-cuda.json, its own block)
     python benchmarks/suite.py --smoke               # a tiny random model, seconds of work: checks the suite runs
+    python benchmarks/suite.py --summarise           # only the summary, from the JSON files of earlier runs
 """
 
 from __future__ import annotations
@@ -165,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", help="capture methods (default: every installed one)")
     parser.add_argument("--retrieval-lengths", default="1024,4096")
     parser.add_argument("--importance-tokens", type=int, default=256)
+    parser.add_argument("--summarise", action="store_true",
+                        help="run nothing: summarise the JSON files the three benchmarks wrote earlier")
     parser.add_argument("--out", type=Path, help="folder of the JSON files (default benchmarks/results)")
     parser.add_argument("--docs", type=Path, help="markdown file for the tables (default docs/performance.md)")
     parser.add_argument("--timeout", type=float, default=3 * 3600.0, help="seconds per script")
@@ -175,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     docs = args.docs or (scratch / "performance.md" if scratch else capture.DOCS)
     common = ["--device", args.device, "--threads", str(args.threads)]
     capture_json = out / f"capture-{tag}.json"
-    if args.reuse_capture:
+    if args.reuse_capture or args.summarise:
         capture_json = capture.RESULTS / f"capture-{tag}.json"
     else:
         size = ["--smoke"] if args.smoke else ["--lengths", args.lengths]
@@ -183,10 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         _run("capture.py", [*size, "--device", args.device, "--threads", str(args.threads), "--json",
                             str(capture_json), "--docs", str(docs)], args.timeout)
     smoke = ["--smoke"] if args.smoke else []
-    _run("retrieval.py", [*smoke, *common, "--lengths", args.retrieval_lengths, "--json",
-                          str(out / f"retrieval-{tag}.json")], args.timeout)
-    _run("importance.py", [*smoke, *common, "--tokens", str(args.importance_tokens), "--json",
-                           str(out / f"importance-{tag}.json")], args.timeout)
+    if not args.summarise:
+        _run("retrieval.py", [*smoke, *common, "--lengths", args.retrieval_lengths, "--json",
+                              str(out / f"retrieval-{tag}.json")], args.timeout)
+        _run("importance.py", [*smoke, *common, "--tokens", str(args.importance_tokens), "--json",
+                               str(out / f"importance-{tag}.json")], args.timeout)
 
     capture_report = json.loads(capture_json.read_text())
     retrieval_report = json.loads((out / f"retrieval-{tag}.json").read_text())

@@ -62,7 +62,8 @@ def heatmap(head_map: HeadMap, title: str) -> go.Figure:
         yaxis_title="layer",
         yaxis_autorange="reversed",
         template="simple_white",
-        width=max(360, 60 + 28 * heads),
+        # wide enough for the title too (plotly never wraps it; about 9 px a character at its default size)
+        width=max(360, 60 + 28 * heads, min(900, 100 + 9 * len(title))),
         height=max(300, 120 + 18 * layers),
     )
     return figure

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from cli_runner import run_cli
@@ -307,6 +308,25 @@ def test_cli_runs_retrieval_on_a_tiny_model_folder(tmp_path: Path, planted_dir: 
         assert (tmp_path / "figures" / f"retrieval-{name}.html").is_file()
     exported = json.loads((tmp_path / "exports" / retrieval.EXPORT_NAME).read_text())
     assert exported[f"{PLANTED[0]}-{PLANTED[1]}"] == [pytest.approx(expected_planted_score())] * 2
+
+
+def test_two_gloo_processes_split_the_needle_tests_and_give_the_results_of_one(tmp_path: Path,
+                                                                                planted_dir: Path) -> None:
+    from test_distributed import torchrun
+
+    settings = ["--set", "retrieval.lengths=64,96", "--set", "retrieval.depths=3", "--set",
+                f"retrieval.needles_file={planted_dir / 'needles.jsonl'}", "--set", "retrieval.max_new_tokens=10"]
+    common = ["--analyses", "retrieval", "--input", str(planted_dir / "haystack.txt"), "--figures", "none", "-q"]
+    assert run_cli("analyze", str(planted_dir), *common, "--out", str(tmp_path / "one"), *settings) == 0
+    torchrun(2, "analyze", str(planted_dir), *common, "--out", str(tmp_path / "two"), *settings)
+
+    one = Results.load(tmp_path / "one" / "results.json")["retrieval"]
+    two = Results.load(tmp_path / "two" / "results.json")["retrieval"]
+    assert len(one.tables["tests"]) == 6  # 2 lengths x 3 depths, dealt 3 and 3
+    np.testing.assert_allclose(two.map("retrieval_score").values, one.map("retrieval_score").values, atol=1e-6)
+    for table in ("tests", "accuracy", "head_scores"):
+        pd.testing.assert_frame_equal(two.tables[table], one.tables[table])
+    assert one.top_heads("retrieval_score", k=1)[0][:2] == PLANTED
 
 
 def test_cli_malformed_needles_file_is_exit_2_and_one_line(tmp_path: Path, planted_dir: Path, capsys) -> None:
