@@ -288,13 +288,13 @@ def _measure(context: Context, params: Params, one: _Pass, tokenizer) -> None:
     inputs = {name: tensor.to(model.device) for name, tensor in one.inputs.items()}
     source_ids = inputs["input_ids"][0].tolist() if "input_ids" in inputs else None
     reasons = None
-    if source_ids is not None:
+    if "cross" in stacks and source_ids is not None:
         reasons = noncontent(tokenizer, source_ids)
-    elif one.waveform is not None:  # Whisper: 10 ms mel frames, halved by the encoder's stride-2 convolution
+    elif "cross" in stacks and one.waveform is not None:  # Whisper: 10 ms mel frames, then a stride-2 convolution
         positions = inputs["input_features"].shape[-1] // 2
         one.frames = reasons = probe_audio.frame_reasons(one.waveform, probe_audio.SAMPLE_RATE, positions,
                                                          silence_db=params.silence_db)
-    if "cross" in stacks and reasons is not None:
+    if reasons is not None:
         exclude = torch.tensor([bool(r) for r in reasons], device=model.device)[None]
         one.reducers["noncontent_mass"] = KeyMass(key_mask=exclude, exclude_own=False, stacks=("cross",))
         one.reducers["entropy"] = Entropy(stacks=("cross",))
@@ -356,7 +356,7 @@ def _texts(tokenizer, ids: list[int]) -> list[str]:
 
 def _frames(encoder_states: tuple[torch.Tensor, ...]) -> list[str]:
     """Labels of audio encoder positions (Whisper: 20 ms each)."""
-    return [f"frame {i} ({0.02 * i:.2f} s)" for i in range(encoder_states[0].shape[1])]
+    return [f"frame {i} ({probe_audio.WHISPER_POSITION_S * i:.2f} s)" for i in range(encoder_states[0].shape[1])]
 
 
 def _merged(passes: list[_Pass]) -> dict[str, Reducer]:
@@ -508,11 +508,11 @@ def _source_table(one: _Pass, tokenizer) -> pd.DataFrame:
 
 def _frames_table(reasons: list[str]) -> pd.DataFrame:
     """Runs of consecutive audio encoder positions with the same reason ("" for speech), 20 ms each."""
-    rows, start = [], 0
+    rows, start, seconds = [], 0, probe_audio.WHISPER_POSITION_S
     for position in range(1, len(reasons) + 1):
         if position == len(reasons) or reasons[position] != reasons[start]:
             rows.append({"first_position": start, "last_position": position - 1, "frames": position - start,
-                         "start_s": round(0.02 * start, 2), "end_s": round(0.02 * position, 2),
+                         "start_s": round(seconds * start, 2), "end_s": round(seconds * position, 2),
                          "non_content": bool(reasons[start]), "reason": reasons[start] or "speech"})
             start = position
     return pd.DataFrame(rows)

@@ -229,10 +229,8 @@ def _runner(method: str, model, spec: dict[str, Any]):
             with traced.trace(input_ids=ids):
                 masses = nnsight.save([])
                 entropies = nnsight.save([])
-                for layer in layers:
-                    probs = layer.self_attn.output[1][0].float()  # (H, T, T), this layer's only
-                    masses.append(probs[:, 1:, 0].double().mean(-1))
-                    entropies.append(-torch.special.xlogy(probs, probs).sum(-1).double().mean(-1))
+                for layer in layers:  # (1, H, T, T): this layer's probabilities only
+                    _reduce_pattern(layer.self_attn.output[1], masses, entropies)
             return torch.stack(masses), torch.stack(entropies)
 
         return run
@@ -601,13 +599,14 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_docs(path: Path, block: str) -> None:
-    """Put ``block`` between the markers of ``path``, replacing what a previous run put there."""
+def write_docs(path: Path, block: str, start: str = MARK_START, end: str = MARK_END) -> None:
+    """Put ``block`` between the markers ``start`` and ``end`` of ``path``, replacing what a previous run put there
+    (appended with its markers where they are missing)."""
     text = path.read_text(encoding="utf-8") if path.exists() else "# Performance\n"
-    fenced = f"{MARK_START}\n{block}{MARK_END}"
-    if MARK_START in text and MARK_END in text:
-        head, _, rest = text.partition(MARK_START)
-        _, _, tail = rest.partition(MARK_END)
+    fenced = f"{start}\n{block}{end}"
+    if start in text and end in text:
+        head, _, rest = text.partition(start)
+        _, _, tail = rest.partition(end)
         text = head + fenced + tail
     else:
         text = text.rstrip("\n") + "\n\n" + fenced + "\n"

@@ -32,7 +32,6 @@ import capture
 
 BENCH = Path(__file__).resolve().parent
 TARGETS_START, TARGETS_END = "<!-- suite:{device}:start -->", "<!-- suite:{device}:end -->"
-GIB = 2**30
 
 
 def _run(script: str, arguments: list[str], timeout: float) -> None:
@@ -92,9 +91,9 @@ def targets(capture_report: dict, retrieval_report: dict, importance_report: dic
     peers = "; ".join(f"{m}: {_note(cells, m, 8192) if not _cell(cells, m, 8192) else 'ran'}"
                       for m in ("eager", "transformerlens"))
     if ours:
-        fits = ours["peak_bytes"] < 24 * GIB
+        fits = ours["peak_bytes"] < 24 * capture.GIB
         add("8192 tokens within 24 GiB (where eager and TransformerLens cannot)",
-            f"{ours['peak_bytes'] / GIB:.1f} GiB peak; {peers}", fits)
+            f"{ours['peak_bytes'] / capture.GIB:.1f} GiB peak; {peers}", fits)
     else:
         add("8192 tokens within 24 GiB (where eager and TransformerLens cannot)", "not measured", None)
     ratios = [(row["prompt_tokens"], row["scored_over_generate"]) for row in retrieval_report["rows"]]
@@ -141,18 +140,6 @@ def render(report: dict[str, Any]) -> str:
               f"importance {imp['gradient_s']:.2f} s = {imp['gradient_over_forward_backward']:.2f}x a plain forward "
               f"and backward ({imp['forward_backward_s']:.2f} s), {imp['gradient_over_forward']:.2f}x a forward."]
     return "\n".join(lines) + "\n"
-
-
-def write_block(path: Path, device: str, block: str) -> None:
-    start, end = TARGETS_START.format(device=device), TARGETS_END.format(device=device)
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Performance\n"
-    fenced = f"{start}\n{block}{end}"
-    if start in text and end in text:
-        head, _, rest = text.partition(start)
-        text = head + fenced + rest.partition(end)[2]
-    else:
-        text = text.rstrip("\n") + "\n\n" + fenced + "\n"
-    path.write_text(text, encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     block = render(report)
     print("\n" + block)
     (out / f"suite-{tag}.json").write_text(json.dumps(report, indent=1) + "\n")
-    write_block(docs, tag, block)
+    capture.write_docs(docs, block, TARGETS_START.format(device=tag), TARGETS_END.format(device=tag))
     print(f"raw numbers: {out}\ntables: {docs}")
     return 0
 

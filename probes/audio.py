@@ -16,6 +16,7 @@ from headscope.errors import HeadscopeError
 
 SAMPLE_RATE = 16000
 DATA_DIR = Path(__file__).parent / "data"
+WHISPER_POSITION_S = 0.02  # audio one Whisper encoder position covers: 10 ms mel frames, a stride-2 convolution
 _PCM_DTYPES = {1: np.dtype("u1"), 2: np.dtype("<i2"), 4: np.dtype("<i4")}
 
 
@@ -82,7 +83,7 @@ def _resample(waveform: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
     return resample_poly(waveform, target_rate // common, rate // common)
 
 
-def frame_reasons(waveform: np.ndarray, rate: int, positions: int, seconds_per_position: float = 0.02,
+def frame_reasons(waveform: np.ndarray, rate: int, positions: int, seconds_per_position: float = WHISPER_POSITION_S,
                   silence_db: float = 40.0) -> list[str]:
     """Why each audio encoder position is non-content ("" for speech): ``"padding"`` where it starts at or after
     the end of the clip (Whisper pads every clip to 30 s), ``"silence"`` where the clip's RMS over the position's
