@@ -1,7 +1,7 @@
 # The two commands README names. Both run the whole set-up first (idempotent).
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup run test lint
+.PHONY: setup run test lint lab
 
 setup:
 	@./scripts/setup.sh
@@ -15,3 +15,6 @@ test: setup
 
 lint: setup
 	.venv/bin/ruff check .
+
+lab: setup
+	.venv/bin/jupyter lab notebooks

@@ -44,14 +44,14 @@ import plotly.graph_objects as go
 import torch
 from scipy.stats import spearmanr
 
-from headscope import distributed
+from headscope import distributed, progress
 from headscope.capture.adapters import Site
 from headscope.capture.engine import Scope
 from headscope.capture.gates import Gates
 from headscope.errors import HeadscopeError, MemoryBudgetError
 from headscope.probes import decoding
 from headscope.probes import inputs as probe_inputs
-from headscope.registry import Context, read_scalars, register
+from headscope.registry import Context, Parameters, register
 from headscope.results import AnalysisResult, HeadMap
 
 Ablation = Literal["zero", "mean", "uniform"]
@@ -68,21 +68,31 @@ NORMALISED = "{}, each layer divided by its L2 norm + 1e-20{}"
 
 
 @dataclass(frozen=True)
-class Params:
+class Params(Parameters):
     """The parameters of ``importance`` (``--set importance.NAME=VALUE`` overrides them).
 
-    ``batch_size``: ablation rows per forward pass; ``probe_tokens``: the shipped prose is cut to this many
-    tokens unless ``--max-tokens`` says otherwise (user text is never cut); ``ablations``: comma-separated kinds
-    among zero, mean, uniform; ``prefix_reuse``: run the layers before a pass's first ablated layer once at
-    batch 1; ``step``: the fraction of all heads masked per pruning step; ``random_orders``: random pruning
-    orders averaged; ``reestimate``: recompute the gradient importance of the remaining heads after each
-    pruning step (``run_bertology``'s loop); ``min_heads_per_layer``: heads each layer keeps while pruning;
-    ``tolerance``: the relative worsening that ends the prunable fraction; ``min_max``: min-max the
-    layer-normalised maps over all heads; ``answer``, ``wrong``: one token each, the task metric
-    logit(answer) - logit(wrong) at the last token replaces the loss (decoders); ``target``: the text an
-    encoder-decoder is scored on instead of its own output; ``max_new_tokens``: length of that own output;
-    ``memory_gib``: the most a batched pass's logits may take (refused up front beyond it).
+    Attributes:
+        batch_size: ablation rows per forward pass.
+        probe_tokens: the shipped prose is cut to this many tokens unless ``--max-tokens`` says otherwise (user
+            text is never cut).
+        ablations: comma-separated kinds among zero, mean, uniform.
+        prefix_reuse: run the layers before a pass's first ablated layer once at batch 1.
+        step: the fraction of all heads masked per pruning step.
+        random_orders: random pruning orders averaged.
+        reestimate: recompute the gradient importance of the remaining heads after each pruning step
+            (``run_bertology``'s loop).
+        min_heads_per_layer: heads each layer keeps while pruning.
+        tolerance: the relative worsening that ends the prunable fraction.
+        min_max: min-max the layer-normalised maps over all heads.
+        answer, wrong: one token each: the task metric logit(answer) - logit(wrong) at the last token replaces
+            the loss (decoders).
+        target: the text an encoder-decoder is scored on instead of its own output.
+        max_new_tokens: length of that own output.
+        memory_gib: the most a batched pass's logits may take, in GiB (refused up front beyond it).
+        seed: the random pruning orders' seed (default: the run's ``--seed``).
     """
+
+    analysis = "importance"
 
     batch_size: int = 16
     probe_tokens: int = 128
@@ -101,9 +111,8 @@ class Params:
     memory_gib: float = 4.0
     seed: int = 0
 
-    @classmethod
-    def read(cls, given: dict[str, Any], seed: int = 0) -> Params:
-        params = read_scalars("importance", cls, given, seed=seed)
+    def check(self) -> None:
+        params = self
         valid = (params.batch_size >= 1, params.probe_tokens >= 2, 0 < params.step <= 1, params.random_orders >= 0,
                  params.tolerance >= 0, params.min_heads_per_layer >= 0, params.max_new_tokens >= 1,
                  params.memory_gib > 0)
@@ -117,7 +126,6 @@ class Params:
                                  f"got {params.ablations!r}")
         if bool(params.answer) != bool(params.wrong):
             raise HeadscopeError("the task metric needs both importance.answer and importance.wrong")
-        return params
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -139,7 +147,7 @@ def _exports(result: AnalysisResult, folder: Path) -> list[Path]:
                        metric, s) for s in stacks]
 
 
-@register("importance", kinds=("decoder", "encoder", "encoder-decoder"),
+@register("importance", kinds=("decoder", "encoder", "encoder-decoder"), params=Params,
           description="head importance: gradient proxies (Michel et al.), zero/mean/uniform ablations, pruning curve",
           figures=_figures, default=False, exports=_exports)  # hundreds of forward passes: run it by name
 def run(context: Context) -> AnalysisResult:
@@ -176,7 +184,7 @@ def run(context: Context) -> AnalysisResult:
         ranks = np.abs(ranks)
     curve = pruning_curve(model, scope, goal, np.argsort(ranks, kind="stable"), params, stacks)
     result.tables["pruning"] = curve
-    result.summary = _summary(result, curve, clean, goal, probe, params, stacks)
+    result.summary = {**_summary(result, curve, clean, goal, probe, params, stacks), "main_metric": ranking}
     result.seconds = time.perf_counter() - started
     return result
 
@@ -517,7 +525,8 @@ def ablation_importance(model: torch.nn.Module, scope: Scope, goal: Objective | 
     every = heads(scope, stacks)
     out = {stack: np.empty((scope.stacks[stack].layers, scope.stacks[stack].heads)) for stack in stacks}
     found = []
-    for start in distributed.split(range(0, len(every), batch_size)):  # under torchrun, a share of the passes each
+    share = distributed.split(range(0, len(every), batch_size))  # under torchrun, a share of the passes each
+    for start in progress.steps(share, f"importance: {kind} ablation passes"):
         chosen = every[start:start + batch_size]
         rows = {}
         for i, (site, head) in enumerate(chosen):
@@ -561,7 +570,7 @@ def pruning_curve(model: torch.nn.Module, scope: Scope, goal: Objective | dict[s
     found = np.concatenate(distributed.gathered([
         evaluate(model, scope, goal, _row_gates("zero", {s: torch.stack([m[s] for m in chunk]) for s in stacks}, None),
                  len(chunk)).double().numpy()
-        for chunk in distributed.split(chunks)  # under torchrun, a share of the passes each
+        for chunk in progress.steps(distributed.split(chunks), "importance: pruning curve passes")  # a share each
     ])).reshape(len(orders), -1)
     random = found[1:] if params.random_orders else np.full_like(found[:1], np.nan)
     return pd.DataFrame({"fraction": counts / total, "heads_masked": counts, "value": found[0],

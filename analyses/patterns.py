@@ -41,7 +41,7 @@ from headscope.capture.reducers import Entropy, FullMaps, KeyMass, MeanDistance,
 from headscope.errors import HeadscopeError
 from headscope.probes import inputs as probe_inputs
 from headscope.probes import repeated as repeated_probe
-from headscope.registry import Context, read_scalars, register
+from headscope.registry import Context, Parameters, register
 from headscope.results import AnalysisResult, HeadMap
 
 HeadKind = Literal["induction", "previous_token", "duplicate_token"]
@@ -54,6 +54,7 @@ DESCRIPTIONS = {
     "mean_distance": "mean attention distance sum_s A[t, s] |t - s| in tokens, on prose",
     "cluster": "head type: KMeans cluster of standardised pattern features (see the representatives table)",
 }
+UNITS = {"entropy": "nats", "mean_distance": "tokens"}
 DECODER_OFFSETS = (0, 1, 2, 3, 4)
 ENCODER_OFFSETS = (-2, -1, 0, 1, 2, 3, 4)
 MAX_CLUSTERS = 6
@@ -75,19 +76,27 @@ TYPE_NAMES = {
 
 
 @dataclass(frozen=True)
-class Params:
-    """``length`` and ``samples`` of the repeated random-token probe; ``clusters``: the most head types tried."""
+class Params(Parameters):
+    """The parameters of ``patterns``.
 
+    Attributes:
+        length: tokens in each half of the repeated random-token probe.
+        samples: repeated random-token sequences averaged.
+        clusters: the most head types tried when clustering the heads.
+    """
+
+    analysis = "patterns"
     length: int = repeated_probe.DEFAULT_LENGTH
     samples: int = repeated_probe.DEFAULT_SAMPLES
     clusters: int = MAX_CLUSTERS
 
-    @classmethod
-    def read(cls, given: dict) -> Params:
-        return read_scalars("patterns", cls, given)
+    def check(self) -> None:
+        if self.length < 2 or self.samples < 1 or self.clusters < 1:
+            raise HeadscopeError(f"patterns needs length >= 2, samples >= 1 and clusters >= 1; got length "
+                                 f"{self.length}, samples {self.samples}, clusters {self.clusters}")
 
 
-@register("patterns", kinds=("decoder", "encoder"),
+@register("patterns", kinds=("decoder", "encoder"), params=Params, main_metric="induction",
           description="induction, previous- and duplicate-token heads, entropy, distance, head types",
           figures=lambda result: figures(result))
 def run(context: Context) -> AnalysisResult:
@@ -110,7 +119,8 @@ def run(context: Context) -> AnalysisResult:
         "seed": context.seed, "stack": stack, "offsets": list(offsets), "gallery_min_weight": GALLERY_MIN_WEIGHT})
     for metric in (*KINDS, "entropy", "mean_distance"):
         values = scores[metric] if metric in scores else prose_features[metric]
-        result.add_map(metric, HeadMap(values=values, stack=stack, description=DESCRIPTIONS[metric]))
+        result.add_map(metric, HeadMap(values=values, stack=stack, description=DESCRIPTIONS[metric],
+                                       unit=UNITS.get(metric, "")))
 
     taxonomy = _add_taxonomy(result, {**scores, **prose_features}, stack, context.seed, params.clusters)
     top = {kind: result.top_heads(kind, k=1, stack=stack)[0][:2] for kind in KINDS}
@@ -140,7 +150,7 @@ def _add_taxonomy(result: AnalysisResult, features: dict[str, np.ndarray], stack
     taxonomy = cluster_heads(np.stack([f.ravel() for f in features.values()], axis=1), list(features), shape[1],
                              seed=seed, max_clusters=clusters)
     result.add_map("cluster", HeadMap(values=taxonomy.labels_.reshape(shape).astype(float), stack=stack,
-                                      description=DESCRIPTIONS["cluster"]))
+                                      description=DESCRIPTIONS["cluster"], notable="label"))
     result.tables["features"] = _feature_table(features, taxonomy, shape)
     result.tables["representatives"] = taxonomy.representatives_
     result.tables["silhouette"] = pd.DataFrame({"k": list(taxonomy.silhouettes_),

@@ -33,20 +33,21 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from headscope import distributed
+from headscope import distributed, progress
 from headscope.capture.engine import Scope
 from headscope.capture.gates import Gates
 from headscope.capture.reducers import LastRow
 from headscope.errors import HeadscopeError
+from headscope.models.cache import cache_kwargs, output_cache
 from headscope.probes import needle as probe_needle
-from headscope.registry import Context, check_names, register
+from headscope.registry import Context, Parameters, register
 from headscope.results import AnalysisResult, HeadMap
 
 STACK = "self"
@@ -57,7 +58,7 @@ EXPORT_NAME = "retrieval_heads.json"  # Retrieval_Head's {"l-h": [scores]} forma
 
 
 @dataclass(frozen=True)
-class Params:
+class Params(Parameters):
     """The parameters of ``retrieval`` (``--set retrieval.NAME=VALUE`` overrides them).
 
     Attributes:
@@ -77,6 +78,7 @@ class Params:
         seed: draws the needles, the order of the haystack's documents and the random heads.
     """
 
+    analysis = "retrieval"
     lengths: tuple[int, ...] = (256, 512, 1024)
     depths: int | tuple[float, ...] = 5
     needles: int = 3
@@ -92,60 +94,15 @@ class Params:
     random_seeds: int = 3
     seed: int = 0
 
-    @classmethod
-    def read(cls, given: dict[str, Any], seed: int = 0) -> Params:
-        """Defaults overridden by ``given``; one clear error for an unknown name or a bad value."""
-        check_names("retrieval", cls, given)
-        values: dict[str, Any] = {"seed": seed, **given}
-        try:
-            values["lengths"] = tuple(int(v) for v in _listed(values.get("lengths", cls.lengths)))
-            values["depths"] = _depths(values.get("depths", cls.depths))
-            for name in ("needles", "max_new_tokens", "top_k", "random_seeds", "seed"):
-                values[name] = int(values.get(name, getattr(cls, name)))
-            for name in ("recall", "threshold"):
-                values[name] = float(values.get(name, getattr(cls, name)))
-            for name in ("chat_template", "verify"):
-                values[name] = _boolean(values.get(name, getattr(cls, name)), name)
-        except (TypeError, ValueError):
-            raise HeadscopeError("retrieval needs whole-number lengths, needles, max_new_tokens, top_k, random_seeds "
-                                 "and seed, numeric recall and threshold, and depths as a count or fractions") from None
-        params = cls(**values)
-        if params.prompt not in get_args(probe_needle.Prompt):
-            raise HeadscopeError(f"prompt must be one of {', '.join(get_args(probe_needle.Prompt))}, "
-                                 f"got {params.prompt!r}")
+    def check(self) -> None:
+        params = self
         if not params.lengths or min(params.lengths) < 2:
-            raise HeadscopeError(f"lengths must be at least 2 tokens each, got {list(params.lengths)}")
-        if params.max_new_tokens < 1 or params.top_k < 1 or params.random_seeds < 1:
-            raise HeadscopeError("max_new_tokens, top_k and random_seeds must be at least 1")
+            raise HeadscopeError(f"retrieval.lengths must be at least 2 tokens each, got {list(params.lengths)}")
+        if params.max_new_tokens < 1 or params.top_k < 1 or params.random_seeds < 1 or params.needles < 1:
+            raise HeadscopeError("retrieval needs needles, max_new_tokens, top_k and random_seeds of at least 1")
         if not 0 <= params.recall < 1 or params.threshold < 0:
-            raise HeadscopeError("recall must lie in [0, 1) and threshold must be 0 or more")
+            raise HeadscopeError("retrieval.recall must lie in [0, 1) and retrieval.threshold must be 0 or more")
         probe_needle.depth_grid(params.depths)  # refuses a bad grid here
-        return params
-
-
-def _listed(value: Any) -> list:
-    if isinstance(value, str):
-        return [v for v in value.replace(",", " ").split() if v]
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _depths(value: Any) -> int | tuple[float, ...]:
-    """A count of depths (an integer, or text holding one) or a list of fractions."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
-    return tuple(float(v) for v in _listed(value))
-
-
-def _boolean(value: Any, name: str) -> bool:
-    if isinstance(value, str):
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise HeadscopeError(f"{name} must be true or false, got {value!r}")
-    return bool(value)
 
 
 def _figures(result: AnalysisResult) -> dict[str, go.Figure]:
@@ -156,7 +113,7 @@ def _exports(result: AnalysisResult, folder: Path) -> list[Path]:
     return [export_json(result, folder / EXPORT_NAME)]
 
 
-@register("retrieval", kinds=("decoder",),
+@register("retrieval", kinds=("decoder",), params=Params, main_metric="retrieval_score",
           description="retrieval heads: copy-paste scores while decoding needles out of haystacks (Wu et al. 2024), "
                       "needle accuracy by length and depth, causal check by masking heads",
           figures=_figures, exports=_exports, default=False)  # minutes of decoding: run it by name
@@ -183,7 +140,8 @@ def run(context: Context) -> AnalysisResult:
     model = loaded.model
     layers, heads = scope.stacks[STACK].layers, scope.stacks[STACK].heads
     mine = []
-    for number, test in distributed.split(list(enumerate(tests))):  # under torchrun, a share of the tests each
+    share = distributed.split(list(enumerate(tests)))  # under torchrun, a share of the tests each
+    for number, test in progress.steps(share, "retrieval: needle tests"):
         generation = greedy(model, scope, tokenizer, torch.tensor([test.input_ids]), params.max_new_tokens,
                             score=True)
         output = generation.texts[0]
@@ -301,7 +259,7 @@ def greedy(model: torch.nn.Module, scope: Scope, tokenizer, input_ids: torch.Ten
     with torch.no_grad():
         clock = time.perf_counter()
         with scope.capture(gates=gates):
-            cache = model(input_ids=input_ids[:, :-1], use_cache=True, logits_to_keep=1).past_key_values
+            cache = output_cache(model(input_ids=input_ids[:, :-1], use_cache=True, logits_to_keep=1))
         seconds["prefill"] = time.perf_counter() - clock
         clock = time.perf_counter()
         current = input_ids[:, -1:]
@@ -309,7 +267,7 @@ def greedy(model: torch.nn.Module, scope: Scope, tokenizer, input_ids: torch.Ten
             for step in range(max_new_tokens):
                 if rows is not None:
                     rows.query = prompt - 1 + step
-                logits = model(input_ids=current, past_key_values=cache, use_cache=True).logits[:, -1]
+                logits = model(input_ids=current, use_cache=True, **cache_kwargs(model, cache)).logits[:, -1]
                 current = logits.argmax(dim=-1, keepdim=True)
                 if rows is not None and not done[0]:
                     positions.append(rows.step.copy())

@@ -46,12 +46,14 @@ from plotly.subplots import make_subplots
 from scipy import stats
 from transformers.modeling_outputs import BaseModelOutput
 
+from headscope import progress
 from headscope.capture.engine import Scope
 from headscope.capture.reducers import FullMaps
 from headscope.errors import HeadscopeError
 from headscope.probes import audio, decoding
 from headscope.probes import inputs as probe_inputs
-from headscope.registry import Context, check_names, register
+from headscope.probes.text import noncontent
+from headscope.registry import Context, Parameters, register
 from headscope.results import AnalysisResult, HeadMap
 
 Method = Literal["saliency", "integrated_gradients", "feature_ablation", "encoder_saliency"]
@@ -72,7 +74,7 @@ METHOD_TEXT = {
 
 
 @dataclass(frozen=True)
-class Params:
+class Params(Parameters):
     """The parameters of ``saliency`` (``--set saliency.NAME=VALUE`` overrides them).
 
     Attributes:
@@ -102,6 +104,7 @@ class Params:
         seed: seed of the random deletion order.
     """
 
+    analysis = "saliency"
     methods: tuple[str, ...] = ("saliency", "encoder_saliency")
     ig_steps: int = 32
     baseline: Literal["floor", "zero"] = "floor"
@@ -120,30 +123,7 @@ class Params:
     top_k: int = 5
     seed: int = 0
 
-    @classmethod
-    def read(cls, given: dict[str, Any], seed: int = 0) -> Params:
-        """Defaults overridden by ``given``; one clear error for an unknown name or a bad value."""
-        check_names("saliency", cls, given)
-        values: dict[str, Any] = {"seed": seed, **given}
-        for name in ("methods", "deletion_fractions"):
-            if name in values:
-                values[name] = _sequence(values[name], name)
-        try:
-            values["deletion_fractions"] = tuple(float(f) for f in values.get("deletion_fractions",
-                                                                              cls.deletion_fractions))
-            for name in ("ig_steps", "patch_frames", "patch_bands", "max_new_tokens", "tokens", "source_tokens",
-                         "deletion_tokens", "batch_size", "budget_bytes", "top_k", "seed"):
-                if name in values:
-                    values[name] = int(values[name])
-            if values.get("token") is not None:
-                values["token"] = int(values["token"])
-        except (TypeError, ValueError) as error:
-            raise HeadscopeError(f"bad saliency parameter value: {error}") from None
-        params = cls(**values)
-        params._check()
-        return params
-
-    def _check(self) -> None:
+    def check(self) -> None:
         wrong = [m for m in self.methods if m not in METHODS]
         if wrong or not self.methods:
             raise HeadscopeError(ERROR_METHOD.format(unknown=", ".join(wrong) or "(none given)",
@@ -157,14 +137,6 @@ class Params:
                                  "batch_size and budget_bytes >= 1, and tokens and deletion_tokens >= 0")
         if not all(0 < f <= 1 for f in self.deletion_fractions):
             raise HeadscopeError("saliency deletion_fractions must lie in (0, 1]")
-
-
-def _sequence(value: Any, name: str) -> tuple:
-    if isinstance(value, str):
-        return tuple(v.strip() for v in value.split(",") if v.strip())
-    if isinstance(value, (list, tuple)):
-        return tuple(value)
-    raise HeadscopeError(f"saliency parameter {name} takes a list or a comma-separated string, got {value!r}")
 
 
 # --- what is explained -------------------------------------------------------------------------------------------
@@ -250,8 +222,6 @@ def audio_source(loaded, input_path: str | None, baseline: str) -> Source:
 
 def text_source(loaded, text: str | None, input_path: str | None, max_tokens: int | None, baseline: str) -> Source:
     """The user's text (or the shipped prose) cut to ``max_tokens``, as the encoder's input embeddings."""
-    from headscope.analyses.sinks import noncontent
-
     model, processor, _ = loaded
     probe = probe_inputs.build(loaded, text, input_path, max_tokens)
     ids = probe.inputs["input_ids"].to(model.device)
@@ -455,7 +425,7 @@ def explain(model, scope: Scope, source: Source, target: Target, params: Params)
         log_probs = scorer(source.x).double().cpu().numpy()[0]
     saliency, delta = {}, None
     with _no_weight_gradients(model):
-        for method in params.methods:
+        for method in progress.steps(params.methods, "saliency: attribution methods"):
             started = time.perf_counter()
             raw, found = _attribute(method, scorer, source, params)
             saliency[method] = _pool(raw, source, params, method)
@@ -596,7 +566,7 @@ def _figures(result: AnalysisResult) -> dict[str, go.Figure]:
     return figures(result)
 
 
-@register("saliency", kinds=("encoder-decoder",),
+@register("saliency", kinds=("encoder-decoder",), params=Params,
           description="cross-attention vs saliency agreement per head and aggregate (Papi et al. 2025): captum "
                       "saliency, integrated gradients, feature ablation; deletion curves",
           figures=_figures, default=False)  # one backward pass per output token and method: run it by name
@@ -719,7 +689,8 @@ def _summary(result: AnalysisResult, explanation: Explanation, source: Source, t
     table = result.tables["aggregates"]
     summary: dict[str, Any] = {"input": source.description, "output": target.text, "decoding": target.decoding,
                                "tokens_explained": len(target.queries), "encoder_positions": source.positions,
-                               "token": _chosen_token(params, len(target.queries))}
+                               "token": _chosen_token(params, len(target.queries)),
+                               "main_metric": f"pearson_{next(iter(explanation.saliency))}"}
     for method in explanation.saliency:
         rows = table[(table["method"] == method) & (table["attention"] == "raw")]
         summary[f"pearson_{method}"] = {row.aggregate: round(float(row.pearson), 4) for row in rows.itertuples()}

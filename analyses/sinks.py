@@ -31,12 +31,10 @@ image tokens, the visual sink tokens and the image-centric heads of Kang et al. 
 from __future__ import annotations
 
 import inspect
-import re
 import time
-import unicodedata
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -51,7 +49,8 @@ from headscope.probes import audio as probe_audio
 from headscope.probes import decoding
 from headscope.probes import inputs as probe_inputs
 from headscope.probes import text as probe_text
-from headscope.registry import Context, check_names, register
+from headscope.probes.text import noncontent
+from headscope.registry import Context, Parameters, register
 from headscope.results import AnalysisResult, HeadMap
 
 Protocol = Literal["prose", "gu"]
@@ -69,12 +68,11 @@ DESCRIPTIONS = {
 NO_SOURCE_TOKENS = ("not applicable: the source is neither tokens nor a waveform headscope read, so no "
                     "non-content positions are known")
 # Language tags of multilingual translation models: >>fra<<, __en__, eng_Latn, <|en|>.
-LANGUAGE_TAG = re.compile(r"^(>>[a-z_]{2,12}<<|__[a-z]{2,3}(_[A-Za-z]+)?__|[a-z]{3}_[A-Z][a-z]{3}|<\|[a-z]{2,3}\|>)$")
 DETECTED = "detected"
 
 
 @dataclass(frozen=True)
-class Params:
+class Params(Parameters):
     """The parameters of ``sinks`` (``Context.params`` overrides them).
 
     Attributes:
@@ -99,6 +97,7 @@ class Params:
         centric_mass: ... and its attention on image tokens is at least this.
     """
 
+    analysis = "sinks"
     sink_positions: tuple[int, ...] | Literal["detected"] = (0,)
     eps: float = 0.3
     protocol: Protocol = "prose"
@@ -114,28 +113,18 @@ class Params:
     centric_ratio: float = 0.5
     centric_mass: float = 0.2
 
-    @classmethod
-    def read(cls, given: dict[str, Any]) -> Params:
-        """Defaults overridden by ``given``; one clear error for an unknown name or a bad value."""
-        check_names("sinks", cls, given)
-        values = dict(given)
-        positions = values.get("sink_positions", DETECTED)
-        if positions != DETECTED:
-            positions = (positions,) if isinstance(positions, int) else positions
-            if isinstance(positions, str) or not positions or not all(isinstance(p, int) and p >= 0
-                                                                      for p in positions):
-                raise HeadscopeError(f"sink_positions must be non-negative positions or 'detected', got {positions!r}")
-            values["sink_positions"] = tuple(positions)
-        params = cls(**values)
-        if params.protocol not in get_args(Protocol):
-            raise HeadscopeError(f"protocol must be one of {', '.join(get_args(Protocol))}, got {params.protocol!r}")
+    def check(self) -> None:
+        params = self
+        positions = params.sink_positions
+        if positions != DETECTED and (not positions or min(positions) < 0):
+            raise HeadscopeError(f"sinks.sink_positions must be non-negative positions or 'detected', got "
+                                 f"{positions!r}")
         if not 0 < params.eps < 1 or not 0 < params.token_threshold < 1:
             raise HeadscopeError("eps and token_threshold must lie between 0 and 1")
         if not (params.visual_tau > 0 and params.visual_min_layer >= 0 and 0 <= params.centric_ratio <= 1
                 and 0 <= params.centric_mass <= 1 and params.max_new_tokens >= 0 and params.silence_db >= 0):
             raise HeadscopeError("sinks needs visual_tau > 0, visual_min_layer >= 0, centric_ratio and centric_mass "
                                  "between 0 and 1, and max_new_tokens and silence_db >= 0")
-        return params
 
 
 @dataclass
@@ -155,7 +144,8 @@ class _Pass:
     labels: dict[str, list[str]] = field(default_factory=dict)
 
 
-@register("sinks", kinds=("decoder", "encoder", "encoder-decoder", "vision-language"),
+@register("sinks", kinds=("decoder", "encoder", "encoder-decoder", "vision-language"), params=Params,
+          main_metric="sink_score",
           description="attention sinks: sink mass and Gu et al.'s sink rate per head, sink tokens, massive "
                       "activations, cross-attention on non-content tokens, visual sinks and image-centric heads",
           figures=lambda result: figures(result))
@@ -191,7 +181,8 @@ def run(context: Context) -> AnalysisResult:
         for stack, values in reducer.result().items():
             if metric == "residual_mass" and not np.nanmax(np.abs(values)) > RESIDUAL_FLOOR:
                 continue
-            result.add_map(metric, HeadMap(values=values, stack=stack, description=DESCRIPTIONS[metric]))
+            result.add_map(metric, HeadMap(values=values, stack=stack, description=DESCRIPTIONS[metric],
+                                           unit="nats" if metric.endswith("entropy") else ""))
     if "residual_mass" not in result.metrics():
         summary["residual_mass"] = f"none: every row sums to 1 within {RESIDUAL_FLOOR:g} (no learned sink)"
     summary.update(_sink_rates(passes, params, result, context.scope.stacks))
@@ -252,27 +243,6 @@ def _passes(context: Context, params: Params) -> tuple[list[_Pass], str]:
         source = f"{probe.source} (Gu et al.'s protocol needs text; the audio is measured as it is)"
         return [_Pass(probe.inputs, probe.generate, waveform=probe.waveform)], source
     return [_Pass(probe.inputs, probe.generate, waveform=probe.waveform)], probe.source
-
-
-def noncontent(tokenizer, ids: list[int]) -> list[str]:
-    """Why each source token is non-content ("" for a content token): special tokens (end of sequence among
-    them), language tags, punctuation-only and whitespace-only tokens. Function words stay content."""
-    special = set(tokenizer.all_special_ids)
-    reasons = []
-    for token_id in ids:
-        piece = tokenizer.convert_ids_to_tokens(token_id)
-        text = tokenizer.decode([token_id]).strip()
-        if token_id in special:
-            reasons.append("special")
-        elif LANGUAGE_TAG.match(piece or "") or LANGUAGE_TAG.match(text):
-            reasons.append("language tag")
-        elif not text:
-            reasons.append("whitespace")
-        elif all(unicodedata.category(c).startswith("P") for c in text):
-            reasons.append("punctuation")
-        else:
-            reasons.append("")
-    return reasons
 
 
 # --- capture ------------------------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from headscope.analyses import vhd
 from headscope.capture.reducers import Chunk, Reducer
 from headscope.errors import HeadscopeError
 from headscope.probes import images
@@ -70,11 +69,12 @@ def decoded(model: torch.nn.Module, scope, inputs: dict[str, torch.Tensor],
             max_new_tokens: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The greedy continuation (new tokens,) of ``inputs`` (batch 1) and the inputs that read it back in one pass:
     the prompt and every generated token but the last (the queries generation computed attention for).
-    :func:`vhd.generate` never produces the image placeholder, which read back would ask for image features."""
+    :func:`~headscope.probes.images.generate` never produces the image placeholder, which read back would ask for
+    image features."""
     if max_new_tokens < 1:
         return inputs, torch.zeros(0, dtype=torch.long)
-    new = vhd.generate(model, scope, inputs, max_new_tokens)
-    return vhd.extended(inputs, new[:-1]), new
+    new = images.generate(model, scope, inputs, max_new_tokens)
+    return images.extended(inputs, new[:-1]), new
 
 
 # --- visual sinks ---------------------------------------------------------------------------------------------
@@ -163,7 +163,7 @@ class LayerKeyMass(Reducer):
         found = self._rows(chunk) if keys is not None else None
         if found is not None:
             probs, rows = found
-            self._add(chunk.site, self._on(probs, keys).sum(dim=-1), float(rows.sum()))
+            self.add(chunk.site, self._on(probs, keys).sum(dim=-1), float(rows.sum()))
 
 
 class CentricShare(LayerKeyMass):
@@ -187,7 +187,7 @@ class CentricShare(LayerKeyMass):
             probs, rows = found
             image, sink = self._on(probs, self.image_mask), self._on(probs, keys)
             meets = (sink <= self.ratio * image) & (image >= self.mass) & (image > 0)
-            self._add(chunk.site, meets.double().sum(dim=-1), float(rows.sum()))
+            self.add(chunk.site, meets.double().sum(dim=-1), float(rows.sum()))
 
 
 # --- the measurement ------------------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ def measure(context: Context, params, inputs: dict[str, torch.Tensor], hidden: S
         raise HeadscopeError("the input holds no image token: the image part of sinks needs an image")
     out = Measured()
     positions = image_mask.nonzero()[:, 0]
-    grid = vhd.patch_grid(model, inputs, len(positions))
+    grid = images.patch_grid(model, inputs, len(positions))
     known = grid[0] > 1 or len(positions) == 1
     patch = {int(p): (i, *divmod(i, grid[1])) if known else (i, None, None) for i, p in enumerate(positions)}
     out.labels = [_patch_label(labels[p], *patch[p]) if p in patch else labels[p] for p in range(len(labels))]

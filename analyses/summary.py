@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from headscope.capture.reducers import Entropy, KeyMass
+from headscope.errors import HeadscopeError
 from headscope.probes import inputs as probe_inputs
-from headscope.registry import Context, read_scalars, register
+from headscope.registry import Context, Parameters, register
 from headscope.results import AnalysisResult, HeadMap
 
 MAX_NEW_TOKENS = 64
@@ -29,17 +30,22 @@ DESCRIPTIONS = {
 
 
 @dataclass(frozen=True)
-class Params:
-    """``summary`` takes one parameter: ``max_new_tokens``, the tokens an encoder-decoder decodes."""
+class Params(Parameters):
+    """The parameters of ``summary``.
 
+    Attributes:
+        max_new_tokens: tokens an encoder-decoder decodes.
+    """
+
+    analysis = "summary"
     max_new_tokens: int = MAX_NEW_TOKENS
 
-    @classmethod
-    def read(cls, given: dict) -> Params:
-        return read_scalars("summary", cls, given)
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise HeadscopeError(f"summary.max_new_tokens must be at least 1, got {self.max_new_tokens}")
 
 
-@register("summary", kinds=("decoder", "encoder", "encoder-decoder"),
+@register("summary", kinds=("decoder", "encoder", "encoder-decoder"), params=Params, main_metric="first_token_mass",
           description="per-head attention mass on the first token and entropy, in one pass")
 def run(context: Context) -> AnalysisResult:
     started = time.perf_counter()
@@ -60,7 +66,8 @@ def run(context: Context) -> AnalysisResult:
     result = AnalysisResult(name="summary", params={"positions": [0], "max_new_tokens": params.max_new_tokens})
     for metric, reducer in (("first_token_mass", mass), ("entropy", entropy)):
         for stack, values in reducer.result().items():
-            result.add_map(metric, HeadMap(values=values, stack=stack, description=DESCRIPTIONS[metric]))
+            result.add_map(metric, HeadMap(values=values, stack=stack, description=DESCRIPTIONS[metric],
+                                           unit="nats" if metric == "entropy" else ""))
     for stack in context.scope.stacks:
         top = result.top_heads("first_token_mass", k=3, stack=stack)
         summary[f"top_first_token_mass_{stack}"] = [f"{layer}.{head}={value:.3f}" for layer, head, value in top]

@@ -25,22 +25,23 @@ them.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
 
+from headscope import progress
 from headscope.capture.engine import Scope
 from headscope.capture.gates import Gates
-from headscope.capture.reducers import LastRow, Reducer
+from headscope.capture.reducers import LastRow
 from headscope.errors import HeadscopeError
 from headscope.probes import images
-from headscope.registry import Context, read_scalars, register
+from headscope.probes.images import extended, generate, patch_grid
+from headscope.registry import Context, Parameters, register
 from headscope.results import AnalysisResult, HeadMap
 
 Average = Literal["prompts", "tokens"]
@@ -58,7 +59,7 @@ ERROR_NO_IMAGE_TOKEN = ("{model} has no image token in its config (image_token_i
 
 
 @dataclass(frozen=True)
-class Params:
+class Params(Parameters):
     """The parameters of ``vhd`` (``--set vhd.NAME=VALUE`` overrides them).
 
     Attributes:
@@ -74,6 +75,7 @@ class Params:
         seed: the first shipped picture's seed.
     """
 
+    analysis = "vhd"
     prompts: int = 3
     max_new_tokens: int = 16
     top_k: int = 10
@@ -85,15 +87,9 @@ class Params:
     grid_heads: int = 4
     seed: int = 0
 
-    @classmethod
-    def read(cls, given: dict[str, Any], seed: int = 0) -> Params:
-        """Defaults overridden by ``given``; one clear error for an unknown name or a bad value."""
-        params = read_scalars("vhd", cls, given, seed=seed)
-        if params.average not in get_args(Average):
-            raise HeadscopeError(f"average must be one of {', '.join(get_args(Average))}, got {params.average!r}")
-        if params.prompts < 1 or params.max_new_tokens < 1 or params.top_k < 1 or params.outlier_iqr < 0:
+    def check(self) -> None:
+        if self.prompts < 1 or self.max_new_tokens < 1 or self.top_k < 1 or self.outlier_iqr < 0:
             raise HeadscopeError("vhd needs prompts >= 1, max_new_tokens >= 1, top_k >= 1 and outlier_iqr >= 0")
-        return params
 
 
 @dataclass
@@ -117,19 +113,6 @@ def head_outputs(model: torch.nn.Module, scope: Scope, inputs: dict[str, torch.T
     with torch.no_grad(), scope.capture(gates=[reader]):
         model(**inputs, use_cache=False)
     return torch.stack([reader.z_[layer][-1][0].float() for layer in sorted(reader.z_)])
-
-
-def extended(inputs: dict[str, torch.Tensor], prefix: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``inputs`` (batch 1) with the tokens ``prefix`` (n,) appended to the text, as teacher forcing feeds them:
-    the attention mask grows by ones, other per-token inputs (Qwen2-VL's ``mm_token_type_ids``) by zeros (text)."""
-    ids = inputs["input_ids"]
-    out = dict(inputs)
-    for name, value in inputs.items():
-        if name != "input_ids" and images.token_aligned(name, value, ids):
-            fill = value.new_ones if name == "attention_mask" else value.new_zeros
-            out[name] = torch.cat([value, fill(1, len(prefix))], dim=1)
-    out["input_ids"] = torch.cat([ids, prefix[None].to(ids)], dim=1)
-    return out
 
 
 def divergence(model: torch.nn.Module, scope: Scope, pair: images.ImagePair, prefix: torch.Tensor | None = None,
@@ -178,32 +161,7 @@ class ImageAttention:
         return self.rows().sum(axis=-1)
 
 
-def patch_grid(model: torch.nn.Module, inputs: dict[str, torch.Tensor], tokens: int) -> tuple[int, int]:
-    """(rows, columns) of the image tokens on the picture: Qwen2-VL's merged patch grid from ``image_grid_thw``,
-    else a square when ``tokens`` is one (LLaVA, Idefics3 without splitting), else one row."""
-    grid = inputs.get("image_grid_thw")
-    if grid is not None:
-        merge = getattr(model.config.vision_config, "spatial_merge_size", 1)
-        _, height, width = (int(v) for v in grid[0])
-        if (height // merge) * (width // merge) == tokens:
-            return height // merge, width // merge
-    side = math.isqrt(tokens)
-    return (side, side) if side * side == tokens else (1, tokens)
-
-
 # --- generation and VHR --------------------------------------------------------------------------------------
-
-
-def generate(model: torch.nn.Module, scope: Scope, inputs: dict[str, torch.Tensor], max_new_tokens: int,
-             gates: Gates | None = None, reducers: tuple[Reducer, ...] = ()) -> torch.Tensor:
-    """(new tokens,) greedy continuation of ``inputs`` (batch 1), under ``gates`` when given (e.g. VHR's), with
-    ``reducers`` capturing attention on the way. The image placeholder token is never generated (an untrained
-    model may rank it first): read back, it would ask for image features the pixels do not hold."""
-    image_token = scope.adapter.image_token_id
-    suppress = {"suppress_tokens": [image_token]} if image_token is not None else {}
-    with torch.no_grad(), scope.capture(*reducers, gates=[] if gates is None else [gates]):
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **suppress)
-    return out[0, inputs["input_ids"].shape[1]:].cpu()
 
 
 def select_heads(values: np.ndarray, outlier_iqr: float = 1.5) -> np.ndarray:
@@ -245,7 +203,7 @@ def _figures(result: AnalysisResult) -> dict[str, go.Figure]:
     return figures(result)
 
 
-@register("vhd", kinds=("vision-language",),
+@register("vhd", kinds=("vision-language",), params=Params, main_metric="vhd",
           description="vision-aware head divergence (He et al. 2025) per language head, T-VHD per generated token, "
                       "and generations with and without VHR", figures=_figures)
 def run(context: Context) -> AnalysisResult:
@@ -265,7 +223,7 @@ def run(context: Context) -> AnalysisResult:
 
     per_prompt, first_steps, selected, token_rows, generation_rows, viewed = [], [], [], [], [], []
     timing = {"generate": 0.0, "vhd": 0.0, "vhr": 0.0}
-    for index, probe in enumerate(probes):
+    for index, probe in progress.steps(list(enumerate(probes)), "vhd: prompts"):
         pair = images.pair(loaded, probe, image_token)
         clock = time.perf_counter()
         view = ImageAttention(pair.image_mask)

@@ -31,6 +31,7 @@ import torch
 import headscope
 from headscope.analyses import retrieval
 from headscope.capture.reducers import LastRow
+from headscope.models.cache import cache_kwargs, output_cache
 from headscope.probes import needle
 
 
@@ -46,9 +47,9 @@ def _prefill_inside(model, scope, input_ids: torch.Tensor, steps: int) -> None:
     rows = retrieval._ArgmaxRows(stack.layers, stack.heads)
     with torch.no_grad(), scope.capture(LastRow(callback=rows, stacks=["self"])):
         out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
-        cache, current = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, current = output_cache(out), out.logits[:, -1:].argmax(-1)
         for _ in range(steps - 1):
-            current = model(input_ids=current, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            current = model(input_ids=current, use_cache=True, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
 
 
 def _retrieval_head(model, input_ids: torch.Tensor, steps: int) -> np.ndarray:
@@ -57,12 +58,12 @@ def _retrieval_head(model, input_ids: torch.Tensor, steps: int) -> np.ndarray:
     positions = []
     with torch.no_grad():
         model.set_attn_implementation("sdpa")
-        cache = model(input_ids=input_ids[:, :-1], use_cache=True, logits_to_keep=1).past_key_values
+        cache = output_cache(model(input_ids=input_ids[:, :-1], use_cache=True, logits_to_keep=1))
         model.set_attn_implementation("eager")
         current = input_ids[:, -1:]
         try:
             for _ in range(steps):
-                out = model(input_ids=current, past_key_values=cache, use_cache=True, output_attentions=True)
+                out = model(input_ids=current, use_cache=True, output_attentions=True, **cache_kwargs(model, cache))
                 rows = torch.stack([attention[0, :, -1] for attention in out.attentions])  # (layers, heads, keys)
                 positions.append(rows.argmax(-1).numpy())  # keys are positions 0 .. prompt - 1 + step
                 current = out.logits[:, -1:].argmax(-1)

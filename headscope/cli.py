@@ -8,7 +8,6 @@ with one line and exit code 130, SIGTERM the same way with exit code 143; the an
 
 from __future__ import annotations
 
-import json
 import re
 import signal
 import sys
@@ -62,8 +61,9 @@ def analyze(
     allow_pickle: Annotated[bool, typer.Option(
         "--allow-pickle", help="accept pickle checkpoints (they can run code when loaded)")] = False,
     settings: Annotated[list[str] | None, typer.Option(
-        "--set", help="an analysis parameter, ANALYSIS.NAME=VALUE (VALUE read as JSON, else text); repeatable, "
-        "e.g. --set sinks.protocol=gu --set patterns.length=64")] = None,
+        "--set", help="an analysis parameter, ANALYSIS.NAME=VALUE, read by the parameter's type (headscope analyses "
+        "lists them; a list is comma-separated or JSON); repeatable, e.g. --set sinks.protocol=gu --set "
+        "patterns.length=64")] = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="keep the finished analyses of an earlier run into --out made with the same model, input, "
         "options and parameters; run only the others")] = False,
@@ -94,12 +94,17 @@ def analyze(
         params=_parameters(settings or []),
         resume=resume,
     )
+    from headscope import progress
+
     try:
         if quiet:
             results = run(options)
-        else:
-            with console.status("starting") as status:
-                results = run(options, progress=lambda message: status.update(message))
+        elif console.is_terminal:
+            with progress.Rich(console) as shown, progress.reporting(shown):
+                results = run(options, progress=shown.phase)
+        else:  # a log or a pipe: plain lines, at most one every few seconds per step
+            with progress.reporting(progress.Plain()) as shown:
+                results = run(options, progress=shown.phase)
     except KeyboardInterrupt as stop:
         saved = out / "results.json"
         where = (f"the analyses finished so far are in {saved}; add --resume to run only the rest"
@@ -183,6 +188,37 @@ def _find_map(results, metric: str, analysis: str | None, stack: str | None):
     return holders[0], result.map(metric, stack)
 
 
+@app.command(name="analyses")
+def list_analyses(
+    name: Annotated[str | None, typer.Argument(help="one analysis to show (default: all)")] = None,
+) -> None:
+    """List the analyses: the model kinds each fits, what it costs, and its parameters with their types, defaults
+    and meaning (set them with analyze --set ANALYSIS.NAME=VALUE, or as keywords of headscope.run)."""
+    from headscope import registry
+
+    chosen = [registry.get(name)] if name is not None else [registry.get(n) for n in registry.list_analyses()]
+    out = Console()
+    for analysis in chosen:
+        runs = "runs by default" if analysis.default else "runs only when named (--analyses)"
+        out.print(f"[bold]{analysis.name}[/bold]: {analysis.description}", highlight=False, soft_wrap=True)
+        out.print(f"  fits: {', '.join(analysis.kinds)}; {runs}" + (f"; cost: {analysis.cost}" if analysis.cost
+                                                                    else ""), highlight=False, soft_wrap=True)
+        table = Table(Column("parameter", no_wrap=True), "type", "default", "meaning", box=None, padding=(0, 1))
+        for parameter, words, default, doc in analysis.parameters():
+            table.add_row(parameter, words, _shown(default), doc)
+        if analysis.parameters():
+            out.print(table)
+        out.print()
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "none" if value is None else str(value)
+
+
 @app.command()
 def models() -> None:
     """List the packaged models: alias, whether installed, size, licence."""
@@ -202,18 +238,15 @@ def models() -> None:
 
 
 def _parameters(settings: list[str]) -> dict[str, dict[str, object]]:
-    """``["sinks.protocol=gu", ...]`` -> ``{"sinks": {"protocol": "gu"}}``; values parsed as JSON when they are."""
+    """``["sinks.protocol=gu", ...]`` -> ``{"sinks": {"protocol": "gu"}}``: the values stay text, which the
+    analysis's parameters read by their types (``headscope analyses`` lists them)."""
     params: dict[str, dict[str, object]] = {}
     for setting in settings:
         name, equals, raw = setting.partition("=")
         analysis, dot, key = name.partition(".")
         if not equals or not dot or not analysis or not key:
             raise HeadscopeError(f"--set takes ANALYSIS.NAME=VALUE, got '{setting}' (e.g. --set sinks.protocol=gu)")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        params.setdefault(analysis, {})[key] = value
+        params.setdefault(analysis, {})[key] = raw
     return params
 
 
@@ -230,9 +263,11 @@ def _figure_formats(spec: str) -> tuple[str, ...]:
 def _print_top_heads(results) -> None:
     table = Table("analysis", "metric", "stack", "top heads (layer.head = value)")
     for name, result in results.items():
-        for metric, stack in result.maps:
-            top = result.top_heads(metric, k=3, stack=stack)
-            table.add_row(name, metric, stack, ", ".join(f"{layer}.{head} = {value:.3f}" for layer, head, value in top))
+        for (metric, stack), head_map in result.maps.items():
+            if head_map.notable == "label":  # categories, not scores
+                continue
+            top = head_map.top(3)
+            table.add_row(name, metric, stack, ", ".join(f"{layer}.{head} = {value:.3g}" for layer, head, value in top))
     Console().print(table)
 
 

@@ -192,8 +192,9 @@ def _section(name: str, result: AnalysisResult, figures: Mapping[str, go.Figure]
 def _top_heads(result: AnalysisResult) -> str:
     rows = []
     for (metric, stack), head_map in result.maps.items():
-        top = ", ".join(f"{layer}.{head} = {value:.3f}"
-                        for layer, head, value in result.top_heads(metric, k=TOP_HEADS, stack=stack))
+        if head_map.notable == "label":  # categories, not scores: nothing to rank
+            continue
+        top = ", ".join(f"{layer}.{head} = {value:.3g}" for layer, head, value in head_map.top(TOP_HEADS))
         rows.append(f"<tr><td>{_e(metric)}</td><td>{_e(stack)}</td><td>{_e(top)}</td>"
                     f"<td>{_e(head_map.description)}</td></tr>")
     return ("<table><tr><th>metric</th><th>stack</th><th>top heads (layer.head = value)</th><th>meaning</th></tr>"

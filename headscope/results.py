@@ -55,6 +55,8 @@ Stack: TypeAlias = str
 """An attention stack's name: a base name from :data:`STACKS`, alone (``"decoder"``) or numbered when a model
 has a second stack of the same kind (``"self:1"``, ``"self:2"``, as the capture adapter names them)."""
 Status = Literal["ok", "failed", "skipped"]
+Notable = Literal["high", "low", "magnitude", "label"]
+NOTABLE: tuple[str, ...] = get_args(Notable)
 STACKS: tuple[str, ...] = get_args(StackKind)
 """The base names of attention stacks; a :data:`Stack` is one of these, optionally followed by ``:<n>``, n >= 1."""
 STATUSES: tuple[str, ...] = get_args(Status)
@@ -117,15 +119,26 @@ class HeadMap:
     ``values`` has shape (layers, heads); NaN marks a head that does not exist in a layer or was not
     measured. ``stack`` is a base name from :data:`STACKS`, optionally numbered (``"self:1"``).
     ``description`` says what the metric means (shown on hover); ``signed`` asks plots for a diverging
-    colour scale. Maps are equal when their fields are, NaN counting as equal to NaN.
+    colour scale; ``unit`` is the values' unit (``"nats"``; empty for a share or a plain score). ``notable`` says
+    which heads stand out, what :meth:`top` ranks first: ``"high"`` values, ``"low"`` ones, the largest
+    ``"magnitude"`` (the default of a signed map: a task metric's most helpful head is its most negative), or
+    ``"label"`` for values that are categories (cluster labels), which are never ranked. ``metric`` is the map's name,
+    set when it is added to a result. Maps are equal when their fields are, NaN counting as equal to NaN.
     """
 
     values: np.ndarray
     stack: Stack
     description: str = ""
     signed: bool = False
+    unit: str = ""
+    notable: Notable | None = None
+    metric: str = ""
 
     def __post_init__(self) -> None:
+        if self.notable is None:
+            self.notable = "magnitude" if self.signed else "high"
+        if self.notable not in NOTABLE:
+            raise ValueError(f"notable must be one of {', '.join(NOTABLE)}; got {self.notable!r}")
         self.values = np.asarray(self.values, dtype=float)
         if self.values.ndim != 2 or self.values.size == 0:
             raise ValueError(f"a head map needs shape (layers, heads), both nonzero; got {self.values.shape}")
@@ -137,9 +150,31 @@ class HeadMap:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, HeadMap):
             return NotImplemented
-        fields = (self.stack, self.description, self.signed)
-        same_fields = fields == (other.stack, other.description, other.signed)
+        fields = (self.stack, self.description, self.signed, self.unit, self.notable)
+        same_fields = fields == (other.stack, other.description, other.signed, other.unit, other.notable)
         return same_fields and np.array_equal(self.values, other.values, equal_nan=True)
+
+    def top(self, k: int = 5) -> list[tuple[int, int, float]]:
+        """The ``k`` most notable heads (see ``notable``) as (layer, head, value), most notable first; NaN values are
+        skipped and equal values keep (layer, head) order. ``ValueError`` for a map of labels."""
+        if k < 0:
+            raise ValueError(f"k must be 0 or more; got {k}")
+        if self.notable == "label":
+            raise ValueError(f"map {self.metric or self.stack!r} holds labels (categories), not scores: "
+                             "no head ranks above another")
+        flat = self.values.ravel()
+        measured = np.flatnonzero(~np.isnan(flat))
+        key = {"high": -flat, "low": flat, "magnitude": -np.abs(flat)}[self.notable][measured]
+        best = measured[np.argsort(key, kind="stable")][:k]
+        heads = self.values.shape[1]
+        return [(int(i // heads), int(i % heads), float(flat[i])) for i in best]
+
+    def plot(self, title: str | None = None):
+        """This map as an interactive layer x head heatmap (a plotly ``Figure``; ``.show()`` it, or let Jupyter draw
+        it)."""
+        from headscope import plotting
+
+        return plotting.heatmap(self, title or f"{self.metric or 'map'} ({self.stack})")
 
 
 @dataclass(eq=False)
@@ -173,9 +208,13 @@ class AnalysisResult:
         if not math.isfinite(self.seconds):
             raise ValueError(f"seconds must be a finite number; got {self.seconds}")
         self.params = _json_dict(self.params, "params")
-        self.summary = _json_dict(self.summary, "summary")
         _check_maps(self.maps)
         _check_named(self.tables, pd.DataFrame, "tables")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "summary":  # however it is set, the summary reads by attribute and holds JSON values
+            value = Summary(_json_dict(value, "summary"))
+        super().__setattr__(name, value)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, AnalysisResult):
@@ -203,6 +242,7 @@ class AnalysisResult:
         key = (metric, head_map.stack)
         if key in self.maps:
             raise ValueError(f"analysis {self.name!r} already holds a map {metric!r} for stack {head_map.stack!r}")
+        head_map.metric = metric
         self.maps[key] = head_map
 
     def map(self, metric: str, stack: Stack | None = None) -> HeadMap:
@@ -226,20 +266,75 @@ class AnalysisResult:
             )
         return self.maps[(metric, stack)]
 
-    def top_heads(self, metric: str, k: int = 5, stack: Stack | None = None) -> list[tuple[int, int, float]]:
-        """The ``k`` heads with the highest values in map ``metric``, as (layer, head, value), highest first.
+    def top_heads(self, metric: str | None = None, k: int = 5, stack: Stack | None = None
+                  ) -> list[tuple[int, int, float]]:
+        """The ``k`` most notable heads of map ``metric`` as (layer, head, value), most notable first: the highest
+        values, the lowest or the largest magnitude, as the map says (:attr:`HeadMap.notable`).
 
-        The map is found with :meth:`map`: ``stack`` may be left out when ``metric`` exists for one stack
-        only. NaN values are skipped; equal values keep (layer, head) order.
+        The map is found with :meth:`map`: ``stack`` may be left out when ``metric`` exists for one stack only, and
+        ``metric`` when the result has one metric, or names its main one (``summary["main_metric"]``). NaN values
+        are skipped; equal values keep (layer, head) order; a map of labels raises ``ValueError``.
         """
-        head_map = self.map(metric, stack)
-        if k < 0:
-            raise ValueError(f"k must be 0 or more; got {k}")
-        flat = head_map.values.ravel()
-        measured = np.flatnonzero(~np.isnan(flat))
-        best = measured[np.argsort(-flat[measured], kind="stable")][:k]
-        heads = head_map.values.shape[1]
-        return [(int(i // heads), int(i % heads), float(flat[i])) for i in best]
+        return self.map(self._metric(metric), stack).top(k)
+
+    def _metric(self, metric: str | None) -> str:
+        if metric is not None:
+            return metric
+        main = self.summary.get("main_metric")
+        if main is not None:
+            return main
+        metrics = self.metrics()
+        if len(metrics) != 1:
+            raise KeyError(f"analysis {self.name!r} has several metrics {metrics}: name one")
+        return metrics[0]
+
+    def plot(self, name: str | None = None):
+        """This analysis's figures: all of them as ``{name: Figure}`` (one heatmap per map, ``METRIC-STACK``,
+        then the analysis's own figures), or the one named ``name``: a metric (its heatmap; the stack's name
+        after a dash when the metric exists for several, ``"entropy-cross"``) or one of the analysis's own figures.
+
+        Works on a loaded result, without the model. A figure of the analysis's own that cannot be drawn raises.
+        """
+        from headscope import figures
+
+        drawn = figures.of(self)
+        if name is None:
+            return drawn
+        if name in drawn:
+            return drawn[name]
+        stacks = [stack for metric, stack in self.maps if metric == name]
+        if len(stacks) == 1:
+            return drawn[f"{name}-{stacks[0].replace(':', '_')}"]
+        if stacks:
+            raise KeyError(f"map {name!r} exists for several stacks: name one of "
+                           f"{[f'{name}-{s}' for s in stacks]}")
+        raise KeyError(f"analysis {self.name!r} has no figure {name!r}; its figures are {list(drawn)}")
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write this result alone as a ``results.json`` (:meth:`Results.save`); ``Results.load(path)[name]`` reads
+        it back."""
+        return Results({self.name: self}).save(path)
+
+
+class Summary(dict):
+    """An analysis's summary: a dict of JSON values whose keys also read as attributes (``summary.sink_rate_self``);
+    a key that is not there raises ``KeyError`` (``AttributeError`` for an attribute) naming the ones that are."""
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self:
+            raise KeyError(f"no summary key {key!r}; the keys are {list(self)}")
+        return super().__getitem__(key)
+
+    def __getattr__(self, key: str) -> Any:
+        if key.startswith("__"):
+            raise AttributeError(key)
+        try:
+            return self[key]
+        except KeyError as error:
+            raise AttributeError(error.args[0]) from None
+
+    def __dir__(self) -> list[str]:
+        return [*super().__dir__(), *(key for key in self if key.isidentifier())]
 
 
 @dataclass
@@ -397,6 +492,7 @@ def _check_maps(maps: Any) -> None:
         _check_metric(metric)
         if stack != head_map.stack:
             raise ValueError(f"maps[{key!r}]: the key's stack {stack!r} is not the map's stack {head_map.stack!r}")
+        head_map.metric = metric
 
 
 def _map_frame(analysis: str, metric: str, head_map: HeadMap) -> pd.DataFrame:
@@ -447,6 +543,8 @@ def _encode_map(metric: str, head_map: HeadMap) -> dict[str, Any]:
         "stack": head_map.stack,
         "description": head_map.description,
         "signed": head_map.signed,
+        "unit": head_map.unit,
+        "notable": head_map.notable,
         "values": to_jsonable(head_map.values),
     }
 
@@ -572,6 +670,9 @@ def _decode_map(data: dict[str, Any], where: str) -> HeadMap:
             stack=_get(data, "stack", (str,), where),
             description=_get(data, "description", (str,), where),
             signed=_get(data, "signed", (bool,), where),
+            unit=_get(data, "unit", (str,), where) if "unit" in data else "",
+            notable=_get(data, "notable", (str,), where) if "notable" in data else None,
+            metric=_get(data, "metric", (str,), where),
         )
     except ValueError as e:
         raise _Malformed(f"malformed field {where}: {e}") from None

@@ -8,9 +8,7 @@ analyses of an interrupted run when model, input, options, versions and paramete
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
 import os
 import platform
 import shutil
@@ -25,11 +23,11 @@ from typing import Any
 import plotly.graph_objects as go
 import torch
 
-from headscope import distributed, plotting, report, views
+from headscope import distributed, figures, plotting, report, views
 from headscope._version import __version__
 from headscope.capture.engine import Scope
 from headscope.errors import HeadscopeError
-from headscope.models.load import Loaded, load
+from headscope.models.load import Loaded, load, quiet_transformers
 from headscope.probes import images as probe_images
 from headscope.probes import inputs as probe_inputs
 from headscope.registry import Analysis, Context, get, select
@@ -81,7 +79,7 @@ def analyze(options: RunOptions, progress: Callable[[str], None] = lambda messag
     if unknown:
         raise HeadscopeError(f"--set names analysis '{unknown[0]}', which is not being run: choose from "
                              f"{', '.join(a.name for a in chosen)}")
-    _check_parameters(chosen, options.params)
+    _check_parameters(chosen, options.params, options.seed)
     if loaded.info.source.get("synthetic"):
         options.notes.append(f"synthetic model: {loaded.info.source['synthetic']}")
     probe = probe_inputs.build(loaded, options.text, options.input_path, options.max_tokens)  # bad input fails here
@@ -95,10 +93,8 @@ def analyze(options: RunOptions, progress: Callable[[str], None] = lambda messag
             results.add(kept[analysis.name])
             continue
         progress(f"running {analysis.name}")
-        torch.manual_seed(options.seed)
-        context = Context(loaded, scope, options.text, options.input_path, options.max_tokens, options.seed,
-                          params=dict(options.params.get(analysis.name, {})))
-        result = _run_one(analysis, context)
+        result = run_analysis(analysis, loaded, scope, options.text, options.input_path, options.max_tokens,
+                              options.seed, options.params.get(analysis.name, {}))
         if loaded.info.source.get("synthetic") and result.status == "ok":
             result.summary.setdefault("synthetic_model", loaded.info.source["synthetic"])
         results.add(result)
@@ -108,13 +104,13 @@ def analyze(options: RunOptions, progress: Callable[[str], None] = lambda messag
         return results
     _made(out)
     progress("writing figures")
-    figures = analysis_figures(results, options.notes)
-    write_figures(results, out, options, figures)
+    drawn = analysis_figures(results, options.notes)
+    write_figures(results, out, options, drawn)
     write_exports(results, out, options.notes)
     results.provenance["wall_seconds"] = round(time.perf_counter() - started, 3)
     results.save(out / "results.json")
     progress("writing report")
-    report.write(results, out / "report.html", figures, _views(loaded, scope, results, options))
+    report.write(results, out / "report.html", drawn, _views(loaded, scope, results, options))
     return results
 
 
@@ -127,13 +123,31 @@ def _views(loaded: Loaded, scope: Scope, results: Results, options: RunOptions) 
         return None
 
 
-def _run_one(analysis, context: Context) -> AnalysisResult:
+def run_analysis(analysis: Analysis, loaded: Loaded, scope: Scope, text: str | None = None,
+                 input_path: str | None = None, max_tokens: int | None = None, seed: int = 0,
+                 params: dict[str, Any] | None = None, failures: str = "record") -> AnalysisResult:
+    """Run one analysis on ``loaded``: seed torch, read its parameters, run it. ``headscope analyze`` and
+    :func:`headscope.run` both come here.
+
+    A :class:`HeadscopeError` (bad input) always raises. Any other error raises with ``failures="raise"``;
+    with ``"record"`` it becomes a result of status ``failed`` with its message, so that one failing analysis
+    does not lose the others' results.
+    """
+    torch.manual_seed(seed)
+    context = Context(loaded, scope, text, input_path, max_tokens, seed,
+                      params=analysis.read_params(dict(params or {}), seed))
     started = time.perf_counter()
     try:
-        return analysis.run(context)
+        with quiet_transformers():
+            result = analysis.run(context)
+        if analysis.main_metric is not None and result.status == "ok":
+            result.summary.setdefault("main_metric", analysis.main_metric)
+        return result
     except HeadscopeError:
         raise
     except Exception as error:  # one failing analysis must not lose the others' results
+        if failures == "raise":
+            raise
         message = f"{type(error).__name__}: {error}".strip().splitlines()[0]
         return AnalysisResult(name=analysis.name, status="failed", error=message,
                               seconds=time.perf_counter() - started)
@@ -148,16 +162,13 @@ def analysis_figures(results: Results, notes: list[str] | None = None) -> dict[s
     for name, result in results.items():
         if result.status != "ok":
             continue
-        figures = {f"{metric}-{stack.replace(':', '_')}": plotting.heatmap(head_map, f"{name}: {metric} ({stack})")
-                   for (metric, stack), head_map in result.maps.items()}
-        analysis = get(name)
-        if analysis.figures is not None:
-            try:
-                figures.update(analysis.figures(result))
-            except Exception as error:  # a figure must not cost the results or the other figures
-                if notes is not None:
-                    notes.append(f"figures of {name} failed: {type(error).__name__}: {error}".splitlines()[0])
-        out[name] = figures
+        drawn = figures.heatmaps(result)
+        try:
+            drawn.update(figures.own(result))
+        except Exception as error:  # a figure must not cost the results or the other figures
+            if notes is not None:
+                notes.append(f"figures of {name} failed: {type(error).__name__}: {error}".splitlines()[0])
+        out[name] = drawn
     return out
 
 
@@ -269,39 +280,11 @@ def _remove_leftovers(out: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _check_parameters(chosen: list[Analysis], params: dict[str, dict[str, Any]]) -> None:
+def _check_parameters(chosen: list[Analysis], params: dict[str, dict[str, Any]], seed: int) -> None:
     """Read each analysis's ``--set`` values before any work, so that a typo in the parameters of the last
-    analysis fails at once, not after the others have run. Analyses that read their parameters with a module-level
-    ``Params.read(given)`` (the convention of the built-in ones) are checked; others check theirs when they run."""
+    analysis fails at once, not after the others have run."""
     for analysis in chosen:
-        given = params.get(analysis.name)
-        kind = getattr(sys.modules.get(analysis.run.__module__), "Params", None)
-        if not given or not callable(getattr(kind, "read", None)):
-            continue
-        try:
-            kind.read(dict(given))
-        except HeadscopeError as error:  # say whose parameter it is, if the message does not
-            raise HeadscopeError(str(error) if analysis.name in str(error) else f"{analysis.name}: {error}") from None
-        except Exception as error:  # a value of the wrong type fails inside the checks: still the user's input
-            detail = f"{type(error).__name__}: {error}".splitlines()[0]
-            raise HeadscopeError(_wrong_type(analysis.name, given, kind)
-                                 or f"bad --set value for {analysis.name}: {detail}") from None
-
-
-def _wrong_type(name: str, given: dict[str, Any], kind: type) -> str | None:
-    """The first ``--set`` value whose type differs from its parameter's numeric or boolean default, in words."""
-    if not dataclasses.is_dataclass(kind):
-        return None
-    words = {bool: "true or false", int: "a whole number", float: "a number"}
-    for parameter in dataclasses.fields(kind):
-        default, value = parameter.default, given.get(parameter.name)
-        if parameter.name not in given or type(default) not in words:
-            continue
-        fits = (isinstance(value, bool) if isinstance(default, bool) else
-                isinstance(value, (int, float) if isinstance(default, float) else int) and not isinstance(value, bool))
-        if not fits:
-            return f"{name}.{parameter.name} takes {words[type(default)]}, not {json.dumps(value)}"
-    return None
+        analysis.read_params(dict(params.get(analysis.name, {})), seed)
 
 
 RESUME_KEYS = {"model": "model", "model_files": "model files", "input_sha256": "input", "max_tokens": "--max-tokens",

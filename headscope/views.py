@@ -48,9 +48,9 @@ def top_heads(results: Results, stacks: set[str]) -> list[tuple[str, int, int]]:
     for _, result in results.items():
         if result.status != "ok":
             continue
-        for metric, stack in result.maps:
-            if stack in stacks:
-                for layer, head, _ in result.top_heads(metric, k=TOP_PER_MAP, stack=stack):
+        for (_, stack), head_map in result.maps.items():
+            if stack in stacks and head_map.notable != "label":
+                for layer, head, _ in head_map.top(TOP_PER_MAP):
                     chosen[(stack, int(layer), int(head))] = None
     return list(chosen)[:MAX_HEADS]
 

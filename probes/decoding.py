@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from headscope.errors import HeadscopeError
+from headscope.models.cache import cache_kwargs
 
 
 @dataclass
@@ -79,7 +80,7 @@ def _cache(model) -> dict:
     decoder_layers = getattr(config, "num_decoder_layers", None)
     if decoder_layers is None or decoder_layers == getattr(config, "num_layers", decoder_layers):
         return {}
-    return {"past_key_values": EncoderDecoderCache(DynamicCache(), DynamicCache())}
+    return cache_kwargs(model, EncoderDecoderCache(DynamicCache(), DynamicCache()))
 
 
 def given_target(model, tokenizer, inputs: dict[str, torch.Tensor], target: str) -> Decoded:

@@ -15,12 +15,16 @@ Qwen2-VL's ``<|vision_start|>``) stay.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from headscope.capture.engine import Scope
+from headscope.capture.gates import Gates
+from headscope.capture.reducers import Reducer
 from headscope.errors import HeadscopeError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -190,3 +194,44 @@ def pair(loaded, probe: ImageProbe, image_token_id: int) -> ImagePair:
     with_image = encode(loaded, probe)
     text_only, image_mask = without_image(with_image, image_token_id)
     return ImagePair(with_image, text_only, image_mask, probe)
+
+
+# --- decoding a vision-language model ----------------------------------------------------------------------
+
+
+def extended(inputs: dict[str, torch.Tensor], prefix: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``inputs`` (batch 1) with the tokens ``prefix`` (n,) appended to the text, as teacher forcing feeds them:
+    the attention mask grows by ones, other per-token inputs (Qwen2-VL's ``mm_token_type_ids``) by zeros (text)."""
+    ids = inputs["input_ids"]
+    out = dict(inputs)
+    for name, value in inputs.items():
+        if name != "input_ids" and token_aligned(name, value, ids):
+            fill = value.new_ones if name == "attention_mask" else value.new_zeros
+            out[name] = torch.cat([value, fill(1, len(prefix))], dim=1)
+    out["input_ids"] = torch.cat([ids, prefix[None].to(ids)], dim=1)
+    return out
+
+
+def patch_grid(model: torch.nn.Module, inputs: dict[str, torch.Tensor], tokens: int) -> tuple[int, int]:
+    """(rows, columns) of the image tokens on the picture: Qwen2-VL's merged patch grid from ``image_grid_thw``,
+    else a square when ``tokens`` is one (LLaVA, Idefics3 without splitting), else one row."""
+    grid = inputs.get("image_grid_thw")
+    if grid is not None:
+        merge = getattr(model.config.vision_config, "spatial_merge_size", 1)
+        _, height, width = (int(v) for v in grid[0])
+        if (height // merge) * (width // merge) == tokens:
+            return height // merge, width // merge
+    side = math.isqrt(tokens)
+    return (side, side) if side * side == tokens else (1, tokens)
+
+
+def generate(model: torch.nn.Module, scope: Scope, inputs: dict[str, torch.Tensor], max_new_tokens: int,
+             gates: Gates | None = None, reducers: tuple[Reducer, ...] = ()) -> torch.Tensor:
+    """(new tokens,) greedy continuation of ``inputs`` (batch 1), under ``gates`` when given (e.g. VHR's), with
+    ``reducers`` capturing attention on the way. The image placeholder token is never generated (an untrained
+    model may rank it first): read back, it would ask for image features the pixels do not hold."""
+    image_token = scope.adapter.image_token_id
+    suppress = {"suppress_tokens": [image_token]} if image_token is not None else {}
+    with torch.no_grad(), scope.capture(*reducers, gates=[] if gates is None else [gates]):
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **suppress)
+    return out[0, inputs["input_ids"].shape[1]:].cpu()

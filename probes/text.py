@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from pathlib import Path
 
 import torch
@@ -51,3 +53,28 @@ def encode(
             f"shorten it, or pass --max-tokens {context} to truncate"
         )
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+
+LANGUAGE_TAG = re.compile(r"^(>>[a-z_]{2,12}<<|__[a-z]{2,3}(_[A-Za-z]+)?__|[a-z]{3}_[A-Z][a-z]{3}|<\|[a-z]{2,3}\|>)$")
+"""Language tags of multilingual tokenizers (Marian, NLLB, M2M, Whisper), which are not content."""
+
+
+def noncontent(tokenizer, ids: list[int]) -> list[str]:
+    """Why each source token is non-content ("" for a content token): special tokens (end of sequence among
+    them), language tags, punctuation-only and whitespace-only tokens. Function words stay content."""
+    special = set(tokenizer.all_special_ids)
+    reasons = []
+    for token_id in ids:
+        piece = tokenizer.convert_ids_to_tokens(token_id)
+        text = tokenizer.decode([token_id]).strip()
+        if token_id in special:
+            reasons.append("special")
+        elif LANGUAGE_TAG.match(piece or "") or LANGUAGE_TAG.match(text):
+            reasons.append("language tag")
+        elif not text:
+            reasons.append("whitespace")
+        elif all(unicodedata.category(c).startswith("P") for c in text):
+            reasons.append("punctuation")
+        else:
+            reasons.append("")
+    return reasons

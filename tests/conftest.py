@@ -11,9 +11,14 @@ redrawn with a large standard deviation so that attention is peaked and differs 
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers or huggingface_hub read it
+# the command lines and notebook kernels the tests start fail on a FutureWarning too (pyproject's filterwarnings
+# covers this process): transformers announces removals with them
+os.environ["PYTHONWARNINGS"] = "error::FutureWarning"
 
 from pathlib import Path
 
@@ -21,6 +26,42 @@ import pytest
 import torch
 from tiny_models import sharpen
 from torch import nn
+
+
+class _Deprecations(logging.Handler):
+    """Collects transformers' deprecation messages: transformers logs many of them (``warning_once``) instead
+    of raising a ``DeprecationWarning``, which pytest's ``filterwarnings = error`` would turn into a failure."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "deprecat" in message.lower() and not TRANSFORMERS_OWN.match(message):
+            self.messages.append(message)
+
+
+TRANSFORMERS_OWN = re.compile(
+    # WhisperForConditionalGeneration.generate passes its generation_config together with these two itself
+    # (transformers/models/whisper/generation_whisper.py), whatever its caller passes: not a call headscope makes
+    r"Passing `generation_config` together with generation-related arguments=\(\{'(begin_)?suppress_tokens'"
+    r"(, '(begin_)?suppress_tokens')?\}\)"
+)
+
+
+@pytest.fixture(autouse=True)
+def no_transformers_deprecation():
+    """Fail a test whose calls make transformers log a deprecation: headscope follows transformers' current API."""
+    handler = _Deprecations()
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+    assert not handler.messages, f"transformers logged a deprecation: {handler.messages[0]}"
+
 
 PAD, BOS, EOS = 0, 1, 2
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]

@@ -1,4 +1,5 @@
-"""Reference attention statistics from eager ``output_attentions=True``, written plainly.
+"""Reference attention statistics from eager ``output_attentions=True``, written plainly, and the float32
+tolerance every exactness test compares with.
 
 Nothing here reuses headscope's reducers: the attention maps come from transformers' own eager attention
 (on a deep copy of the model switched to ``"eager"``) and every statistic is a loop over examples and
@@ -6,16 +7,30 @@ queries with explicit masks, in float64.
 
 A stack's attention in one model call is a list of :class:`LayerAttention`, one per layer; a capture over
 several calls (``generate``) is a list of those.
+
+Tolerance. Each eager map is computed twice: by the float32 model (``probs``, what users run) and by a float64
+twin of it on the same inputs (``exact``). A float32 result is compared with the exact value, to within
+:data:`SLACK` times the float32 error that eager attention itself makes on that very computation,
+``max |eager32 - eager64|`` over the values compared (:func:`float32_tolerance`). That error is what float32
+precision costs here: it grows with the logits' magnitude (T5 does not scale them, sharpened weights make them
+large), with the number of keys and with depth, and it changes with the thread count; a fixed number tuned on one
+machine does not. Float32's resolution at the values' magnitude (``eps * max(1, |value|)``) is the floor.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from headscope.models.cache import cache_kwargs, output_cache
 
 
 @dataclass
@@ -29,6 +44,7 @@ class LayerAttention:
         query_pos: (Tq,) absolute position of each query in its sequence (self-attention), None for cross.
         key_pos: (Tk,) absolute position of each key (a sliding-window cache holds only the latest keys).
         first: (B,) absolute position of each example's first real key.
+        exact: (B, H, Tq, Tk) float64, the same map from the float64 twin of the model (None until paired).
     """
 
     probs: torch.Tensor
@@ -37,6 +53,7 @@ class LayerAttention:
     query_pos: torch.Tensor | None
     key_pos: torch.Tensor
     first: torch.Tensor
+    exact: torch.Tensor | None = None
 
 
 Call = list[LayerAttention]
@@ -47,6 +64,111 @@ def eager_copy(model: nn.Module) -> nn.Module:
     eager = copy.deepcopy(model)
     eager.set_attn_implementation("eager")
     return eager
+
+
+# --- float32 tolerance ------------------------------------------------------------------------------------------
+
+FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
+SLACK = 4.0
+"""headscope's float32 result may differ from the exact value by this many times eager float32's own error: both
+round the same operations in another order (query chunks, a fused kernel's log-sum-exp), so their errors are of one
+size, and a factor covers one being a few times the other at the worst element."""
+
+_TWINS: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
+
+
+def float64_twin(model: nn.Module) -> nn.Module:
+    """A float64 copy of ``model`` (made once per model): the same weights, exactly, and the same attention.
+
+    Many eager attentions take their softmax in float32, where float64's mask value becomes -inf: a padding query,
+    whose row is all masked, then gets NaN probabilities, and its NaN value vector would reach real queries as
+    0 * NaN. Every module's outputs have NaN set to 0 in the twin, so a padding position stays harmless, as it is in
+    float32; real rows never hold NaN, and the statistics skip padding queries.
+
+    Mixture-of-experts layers run transformers' ``"eager"`` experts (a loop over experts, the same sums) in the twin:
+    torch's ``grouped_mm`` has no float64 kernel."""
+    if model not in _TWINS:
+        twin = copy.deepcopy(model).double()
+        if getattr(getattr(twin, "config", None), "_experts_implementation", None) == "grouped_mm":
+            twin.set_experts_implementation("eager")
+        for module in twin.modules():
+            module.register_forward_hook(_nan_to_zero)
+        _TWINS[model] = twin
+    return _TWINS[model]
+
+
+def _nan_to_zero(module: nn.Module, args: Any, output: Any) -> Any:
+    if torch.is_tensor(output) and output.is_floating_point():
+        return output.nan_to_num(nan=0.0)
+    if isinstance(output, tuple) and not hasattr(output, "keys"):
+        return tuple(_nan_to_zero(module, args, item) for item in output)
+    return output
+
+
+def float64_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    """``inputs`` with floating tensors (pixels, audio features, embeddings) in float64, the rest as they are."""
+    return {name: value.double() if torch.is_tensor(value) and value.is_floating_point() else value
+            for name, value in inputs.items()}
+
+
+def float32_tolerance(want: Any, exact: Any) -> float:
+    """The absolute tolerance for a float32 result whose exact value is ``exact``: :data:`SLACK` times the larger
+    of eager float32's own error on the same computation (``max |want - exact|``, ``want`` being eager float32's
+    result) and float32's resolution at the values' magnitude."""
+    want, exact = _numpy(want), _numpy(exact)
+    finite = np.isfinite(exact) & np.isfinite(want)
+    if not finite.any():
+        return 0.0
+    error = float(np.abs(want[finite] - exact[finite]).max())
+    resolution = FLOAT32_EPS * max(1.0, float(np.abs(exact[finite]).max()))
+    return SLACK * max(error, resolution)
+
+
+def assert_matches_eager(got: Any, want: Any, exact: Any, err_msg: str = "") -> None:
+    """``got`` (headscope, float32) equals eager attention: the exact value ``exact`` (the float64 twin's), to
+    :func:`float32_tolerance` of eager float32's own result ``want``; NaN where the reference has NaN."""
+    got, want, exact = _numpy(got), _numpy(want), _numpy(exact)
+    assert got.shape == exact.shape == want.shape, (got.shape, exact.shape, want.shape, err_msg)
+    np.testing.assert_allclose(got, exact, rtol=0, atol=float32_tolerance(want, exact), err_msg=err_msg)
+
+
+def assert_exact(got: Any, statistic: Callable[..., Any], *args: Any, err_msg: str = "", **kwargs: Any) -> None:
+    """``got`` equals ``statistic(*args, **kwargs)`` of eager attention (``args`` holding :class:`LayerAttention`
+    references, alone or in lists and dicts), to the float32 tolerance of that statistic: it is computed on the
+    float32 maps and on the exact ones (:func:`in_float64`)."""
+    assert_matches_eager(got, statistic(*args, **kwargs),
+                         statistic(*in_float64(args), **in_float64(kwargs)), err_msg=err_msg)
+
+
+def in_float64(reference: Any) -> Any:
+    """``reference`` (a :class:`LayerAttention`, or lists, tuples and dicts holding them) with every map replaced
+    by its float64 twin's; anything else as it is."""
+    if isinstance(reference, LayerAttention):
+        assert reference.exact is not None, "a reference without its float64 twin: build it with forward_attention"
+        return dataclasses.replace(reference, probs=reference.exact)
+    if isinstance(reference, list | tuple):
+        return type(reference)(in_float64(item) for item in reference)
+    if isinstance(reference, dict):
+        return {key: in_float64(value) for key, value in reference.items()}
+    return reference
+
+
+def _numpy(value: Any) -> np.ndarray:
+    if torch.is_tensor(value):
+        return value.detach().double().cpu().numpy()
+    return np.asarray(value, dtype=np.float64)
+
+
+def _paired(float32: Any, float64: Any) -> Any:
+    """The references of the float32 run with the float64 run's maps as their ``exact`` (same structure)."""
+    if isinstance(float32, LayerAttention):
+        assert float32.probs.shape == float64.probs.shape
+        return dataclasses.replace(float32, exact=float64.probs)
+    if isinstance(float32, list):
+        assert len(float32) == len(float64)
+        return [_paired(a, b) for a, b in zip(float32, float64, strict=True)]
+    assert set(float32) == set(float64)
+    return {key: _paired(value, float64[key]) for key, value in float32.items()}
 
 
 def _first_real(mask: torch.Tensor) -> torch.Tensor:
@@ -81,7 +203,13 @@ def make_call(maps, query_mask, key_mask, cross: bool = False, query_start: int 
 
 
 def forward_attention(eager: nn.Module, kind: str, inputs: dict) -> dict[str, Call]:
-    """One eager forward with ``output_attentions=True``; per stack, its attention and token masks."""
+    """One eager forward with ``output_attentions=True``; per stack, its attention and token masks, each map
+    paired with its float64 twin's."""
+    return _paired(_forward_attention(eager, kind, inputs),
+                   _forward_attention(float64_twin(eager), kind, float64_inputs(inputs)))
+
+
+def _forward_attention(eager: nn.Module, kind: str, inputs: dict) -> dict[str, Call]:
     with torch.no_grad():
         out = eager(**inputs, output_attentions=True)
     if kind in ("decoder", "encoder", "vision", "vlm"):
@@ -116,8 +244,13 @@ def decoding_attention(eager: nn.Module, kind: str, inputs: dict, sequences: tor
 
     ``sequences`` is what ``generate`` returned (prompt and new tokens for a decoder-only model, decoder
     tokens for an encoder-decoder). The prompt is one call, then each new token but the last is one call
-    of one query, as ``generate`` does.
+    of one query, as ``generate`` does. Each map is paired with its float64 twin's.
     """
+    return _paired(_decoding_attention(eager, kind, inputs, sequences),
+                   _decoding_attention(float64_twin(eager), kind, float64_inputs(inputs), sequences))
+
+
+def _decoding_attention(eager: nn.Module, kind: str, inputs: dict, sequences: torch.Tensor) -> dict[str, list[Call]]:
     with torch.no_grad():
         if kind == "decoder":
             ids, mask = inputs["input_ids"], inputs["attention_mask"]
@@ -126,12 +259,12 @@ def decoding_attention(eager: nn.Module, kind: str, inputs: dict, sequences: tor
                                                     dtype=mask.dtype)], 1)
             out = eager(**inputs, output_attentions=True, use_cache=True)
             calls = [make_call(out.attentions, full_mask, full_mask)]
-            cache = out.past_key_values
+            cache = output_cache(out)
             for position in range(prompt, sequences.shape[1] - 1):
                 out = eager(input_ids=sequences[:, position:position + 1],
-                            attention_mask=full_mask[:, :position + 1], past_key_values=cache,
-                            use_cache=True, output_attentions=True)
-                cache = out.past_key_values
+                            attention_mask=full_mask[:, :position + 1], use_cache=True, output_attentions=True,
+                            **cache_kwargs(eager, cache))
+                cache = output_cache(out)
                 calls.append(make_call(out.attentions, full_mask, full_mask, query_start=position,
                                        key_positions=_cached_key_positions(out.attentions, position)))
             return {"self": calls}
@@ -148,11 +281,11 @@ def decoding_attention(eager: nn.Module, kind: str, inputs: dict, sequences: tor
             "cross": [make_call(out.cross_attentions, decoder_mask, encoder_mask, cross=True)],
         }
         encoder_outputs = (out.encoder_last_hidden_state,)
-        cache = out.past_key_values
+        cache = output_cache(out)
         for position in range(start, sequences.shape[1] - 1):
             out = eager(encoder_outputs=encoder_outputs, decoder_input_ids=sequences[:, position:position + 1],
-                        past_key_values=cache, use_cache=True, output_attentions=True)
-            cache = out.past_key_values
+                        use_cache=True, output_attentions=True, **cache_kwargs(eager, cache))
+            cache = output_cache(out)
             stacks["decoder"].append(make_call(out.decoder_attentions, decoder_mask, decoder_mask,
                                                query_start=position))
             stacks["cross"].append(make_call(out.cross_attentions, decoder_mask, encoder_mask, cross=True,

@@ -16,7 +16,7 @@ import torch
 
 from headscope import errors
 from headscope.models import zoo
-from headscope.models.load import _kind, load
+from headscope.models.load import kind_of, load
 
 
 def needs(alias: str) -> pytest.MarkDecorator:
@@ -185,7 +185,7 @@ def _configs():
 
 @pytest.mark.parametrize(("config", "kind"), [c[1:] for c in _configs()], ids=[c[0] for c in _configs()])
 def test_kind_is_detected_from_the_config(config, kind: str) -> None:
-    assert _kind(config) == kind
+    assert kind_of(config) == kind
 
 
 # --- the zoo cache -----------------------------------------------------------------------------------------

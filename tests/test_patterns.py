@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import reference as ref
 import torch
 from cli_runner import run_cli
 from conftest import save_tiny
@@ -94,34 +95,42 @@ def test_scores_equal_eager_attention(tiny_llama_dir: Path, tokenizer) -> None:
     model = context.loaded.model
     probe = repeated.build(tokenizer, samples=4, seed=3, context=64, vocab_size=model.config.vocab_size)
     eager = model.__class__.from_pretrained(tiny_llama_dir, attn_implementation="eager").eval()
-    with torch.no_grad():
-        maps = [a.double() for a in eager(probe.input_ids, output_attentions=True).attentions]
-        prose_ids = tokenizer(prose(), return_tensors="pt")["input_ids"][:, :64]
-        prose_maps = [a[0].double() for a in eager(prose_ids, output_attentions=True).attentions]
+    probe_inputs = {"input_ids": probe.input_ids}
+    prose_inputs = {"input_ids": tokenizer(prose(), return_tensors="pt")["input_ids"][:, :64]}
     length, start, tokens = probe.length, probe.prefix + probe.length, probe.tokens
     names = ("induction", "previous_token", "duplicate_token", "entropy", "mean_distance")
-    expected = {name: np.zeros((len(maps), 4)) for name in names}
-    for layer, probs in enumerate(maps):  # (samples, heads, T, T)
-        for head in range(probs.shape[1]):
-            induction, duplicate, previous = [], [], []
-            for b in range(len(probs)):
-                for t in range(1, tokens):
-                    previous.append(float(probs[b, head, t, t - 1]))
-                    if start <= t < start + length:  # the second copy of r
-                        induction.append(float(probs[b, head, t, t - (length - 1)]))
-                        duplicate.append(float(probs[b, head, t, t - length]))
-            expected["induction"][layer, head] = np.mean(induction)
-            expected["duplicate_token"][layer, head] = np.mean(duplicate)
-            expected["previous_token"][layer, head] = np.mean(previous)
-            p = prose_maps[layer][head]  # (T, T)
-            distance = (torch.arange(len(p))[:, None] - torch.arange(len(p))[None, :]).abs().double()
-            expected["entropy"][layer, head] = float((-torch.special.xlogy(p, p).sum(-1)).mean())
-            expected["mean_distance"][layer, head] = float((p * distance).sum(-1).mean())
 
-    for name, values in expected.items():
-        np.testing.assert_allclose(result.map(name).values, values, rtol=1e-5, atol=1e-6, err_msg=name)
+    def scores(model: torch.nn.Module, probe_inputs: dict, prose_inputs: dict) -> dict[str, np.ndarray]:
+        """Each score per (layer, head), from eager maps of the repeated probe (induction, duplicate, previous)
+        and of the prose (entropy, mean distance)."""
+        with torch.no_grad():
+            maps = [a.double() for a in model(**probe_inputs, output_attentions=True).attentions]
+            prose_maps = [a[0].double() for a in model(**prose_inputs, output_attentions=True).attentions]
+        expected = {name: np.zeros((len(maps), 4)) for name in names}
+        for layer, probs in enumerate(maps):  # (samples, heads, T, T)
+            for head in range(probs.shape[1]):
+                induction, duplicate, previous = [], [], []
+                for b in range(len(probs)):
+                    for t in range(1, tokens):
+                        previous.append(float(probs[b, head, t, t - 1]))
+                        if start <= t < start + length:  # the second copy of r
+                            induction.append(float(probs[b, head, t, t - (length - 1)]))
+                            duplicate.append(float(probs[b, head, t, t - length]))
+                expected["induction"][layer, head] = np.mean(induction)
+                expected["duplicate_token"][layer, head] = np.mean(duplicate)
+                expected["previous_token"][layer, head] = np.mean(previous)
+                p = prose_maps[layer][head]  # (T, T)
+                distance = (torch.arange(len(p))[:, None] - torch.arange(len(p))[None, :]).abs().double()
+                expected["entropy"][layer, head] = float((-torch.special.xlogy(p, p).sum(-1)).mean())
+                expected["mean_distance"][layer, head] = float((p * distance).sum(-1).mean())
+        return expected
+
+    want = scores(eager, probe_inputs, prose_inputs)
+    exact = scores(ref.float64_twin(eager), ref.float64_inputs(probe_inputs), ref.float64_inputs(prose_inputs))
+    for name in names:
+        ref.assert_matches_eager(result.map(name).values, want[name], exact[name], err_msg=name)
     # heads differ by far more than the tolerance: a map with heads or layers swapped could not pass
-    assert all(np.ptp(values) > 1e-3 for values in expected.values())
+    assert all(np.ptp(values) > 1e-3 for values in want.values())
 
 
 def test_probe_is_deterministic_from_the_seed_and_repeats_ordinary_tokens(tokenizer) -> None:

@@ -45,7 +45,7 @@ def test_report_is_self_contained_with_a_section_per_analysis(hostile_results: R
     for name in ("sinks", "summary", "explodes"):
         assert f'<section class="analysis" id="analysis-{name}">' in page
     assert '<section id="provenance">' in page
-    assert "1.3 = 1.000" in page  # top heads of sink_score: layer 1, head 3 is highest
+    assert "<td>1.3 = 1, " in page  # top heads of sink_score (3 significant digits): layer 1, head 3 is highest
     assert len(page.encode()) < 6_000_000
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no temporary file left
 

@@ -95,6 +95,8 @@ def test_file_names_its_schema_and_stores_nan_as_null_in_utf8(tmp_path: Path) ->
         "stack": "decoder",
         "description": "sink mass",
         "signed": False,
+        "unit": "",
+        "notable": "high",
         "values": [[0.9, 0.1, None], [0.5, None, 0.25]],
     }
     maps = document["analyses"]["patterns"]["maps"]

@@ -12,8 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,11 +21,9 @@ from cli_runner import run_cli
 from headscope import registry
 from headscope.results import AnalysisResult, Results
 
-ANALYSES = ["summary", "patterns", "sinks"]  # patterns, the second, takes seconds: a kill lands inside it
+ANALYSES = ["summary", "patterns", "sinks"]
 ARGS = ["-a", ",".join(ANALYSES), "--figures", "html", "-q"]
-HEADSCOPE = Path(sys.executable).with_name("headscope")
-POLL_SECONDS = 0.02
-DEADLINE_SECONDS = 240
+PAUSED_CLI = Path(__file__).with_name("paused_cli.py")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -71,72 +67,70 @@ def saved_analyses(out: Path) -> list[str] | None:
         raise
 
 
-def spawn(model: Path, out: Path, log: Path, **popen) -> subprocess.Popen:
-    """``headscope analyze`` in a real process, on one thread, offline."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    with log.open("w") as stderr:
-        return subprocess.Popen([str(HEADSCOPE), "analyze", str(model), *ARGS, "--out", str(out)], env=env,
-                                stdout=subprocess.DEVNULL, stderr=stderr, **popen)
-
-
-def stop_when(runs: dict[str, tuple[subprocess.Popen, Path, Callable[[list[str] | None], bool]]],
-              signals: dict[str, int]) -> dict[str, list[str] | None]:
-    """Poll each run's results.json (checking, at every look, that it is absent or complete) and send the run
-    its signal the first time its condition holds; the analyses saved at that moment, by run."""
-    seen: dict[str, list[str] | None] = {}
-    deadline = time.monotonic() + DEADLINE_SECONDS
-    while len(seen) < len(runs):
-        assert time.monotonic() < deadline, f"runs {set(runs) - set(seen)} never reached their point"
-        for name, (process, out, condition) in runs.items():
-            if name in seen:
-                continue
-            saved = saved_analyses(out)
-            if condition(saved):
-                assert process.poll() is None, f"run {name} ended before it could be stopped"
-                process.send_signal(signals[name])
-                seen[name] = saved
-            else:
-                assert process.poll() is None, f"run {name} ended early: {process.returncode}"
-        time.sleep(POLL_SECONDS)
-    for process, _, _ in runs.values():
-        process.wait(timeout=120)
-    return seen
-
-
-STOPS: dict[str, tuple[int, Callable[[list[str] | None], bool]]] = {
-    "sigkill-inside-the-second-analysis": (signal.SIGKILL, lambda saved: saved is not None),
-    "sigkill-inside-the-third-analysis": (signal.SIGKILL, lambda saved: saved is not None and len(saved) >= 2),
-    "sigkill-during-figures-and-report": (signal.SIGKILL, lambda saved: saved == ANALYSES),
-    "sigint": (signal.SIGINT, lambda saved: saved is not None),
-    "sigterm": (signal.SIGTERM, lambda saved: saved is not None),
+STOPS: dict[str, tuple[int, str]] = {
+    "sigkill-inside-the-second-analysis": (signal.SIGKILL, "analysis:patterns"),
+    "sigkill-inside-the-third-analysis": (signal.SIGKILL, "analysis:sinks"),
+    "sigkill-during-figures-and-report": (signal.SIGKILL, "figures"),
+    "sigkill-while-results-json-is-replaced": (signal.SIGKILL, "writing:2"),
+    "sigint": (signal.SIGINT, "analysis:patterns"),
+    "sigterm": (signal.SIGTERM, "analysis:patterns"),
 }
-"""Each run, the signal it gets and when: the first time its results.json holds what the condition asks (the
-first analysis saved, the first two, all three). The tests check what was saved then, so a slow poll that sees
-a later state still checks a true state."""
+"""Each run, the signal it gets and the point it waits at for it (:mod:`paused_cli`): inside the second analysis,
+inside the third, while figures are written, and between writing the second version of results.json in full and
+moving it over the first."""
+
+
+def saved_before(point: str) -> list[str]:
+    """The analyses a run has saved when it reaches ``point``: those before the analysis named, those of the
+    previous write, or all of them."""
+    where, _, name = point.partition(":")
+    if where == "analysis":
+        return ANALYSES[: ANALYSES.index(name)]
+    return ANALYSES[: int(name) - 1] if where == "writing" else list(ANALYSES)
 
 
 def _python_handles_sigint() -> None:  # a background job may inherit SIGINT ignored
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def spawn(model: Path, out: Path, log: Path, point: str) -> subprocess.Popen:
+    """``headscope analyze`` in a real process, on one thread, offline, that waits at ``point`` (its stdout says
+    when it got there)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    with log.open("w") as stderr:
+        return subprocess.Popen([sys.executable, str(PAUSED_CLI), point, "analyze", str(model), *ARGS, "--out",
+                                 str(out)], env=env, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                preexec_fn=_python_handles_sigint)
+
+
 @pytest.fixture(scope="module")
-def stopped(tiny_llama_dir: Path, tmp_path_factory) -> dict[str, tuple[subprocess.Popen, Path, list[str] | None]]:
-    """The runs of :data:`STOPS`, all started at once and each stopped at its point: process, out folder, and
-    the analyses its results.json held when the signal was sent. The logs hold each one's stderr."""
+def stopped(tiny_llama_dir: Path, tmp_path_factory) -> dict[str, tuple[subprocess.Popen, Path]]:
+    """The runs of :data:`STOPS`, all started at once, each signalled once it says it waits at its point: process
+    and out folder. The logs beside the folders hold each one's stderr."""
     folder = tmp_path_factory.mktemp("stopped")
-    runs = {name: (spawn(tiny_llama_dir, folder / name, folder / f"{name}.log", preexec_fn=_python_handles_sigint),
-                   folder / name, condition) for name, (_, condition) in STOPS.items()}
-    seen = stop_when(runs, {name: sig for name, (sig, _) in STOPS.items()})
-    return {name: (process, out, seen[name]) for name, (process, out, _) in runs.items()}
+    runs = {name: (spawn(tiny_llama_dir, folder / name, folder / f"{name}.log", point), folder / name)
+            for name, (_, point) in STOPS.items()}
+    for name, (process, _) in runs.items():
+        signal_number, point = STOPS[name]
+        said = process.stdout.readline()  # blocks until the run is at its point (or has ended)
+        assert said == f"paused at {point}\n", (said, (folder / f"{name}.log").read_text())
+        process.send_signal(signal_number)
+    for process, _ in runs.values():
+        process.wait(timeout=120)
+        process.stdout.close()
+    return runs
 
 
 @pytest.mark.parametrize("point", [name for name in STOPS if name.startswith("sigkill")])
 def test_sigkill_at_any_point_leaves_complete_results_and_resume_finishes_the_rest(
     point: str, stopped, tiny_llama_dir: Path, reference: Path, capsys: pytest.CaptureFixture,
 ) -> None:
-    process, out, kept = stopped[point]
+    process, out = stopped[point]
+    kept = saved_before(STOPS[point][1])
     assert process.returncode == -signal.SIGKILL
-    assert saved_analyses(out) == kept  # complete and loadable, nothing torn
+    assert saved_analyses(out) == kept  # complete and loadable, nothing torn, nothing of the analysis killed
+    # only a kill inside a write leaves the temporary file of the new version, which --resume removes
+    assert len(list(out.glob(".results.json.*.tmp"))) == STOPS[point][1].startswith("writing:")
     before = Results.load(out / "results.json")
     capsys.readouterr()
     assert run_cli("analyze", str(tiny_llama_dir), *ARGS, "--out", str(out), "--resume") == 0
@@ -153,12 +147,12 @@ def test_sigkill_at_any_point_leaves_complete_results_and_resume_finishes_the_re
 @pytest.mark.parametrize(("name", "code", "word"), [("sigint", 130, "interrupted"), ("sigterm", 143, "terminated")])
 def test_sigint_and_sigterm_stop_with_one_line_and_complete_results(name: str, code: int, word: str,
                                                                     stopped) -> None:
-    process, out, saved = stopped[name]
+    process, out = stopped[name]
     log = out.with_name(f"{name}.log").read_text()
     assert process.returncode == code, log
     assert log.splitlines() == [f"headscope: error: {word}: the analyses finished so far are in "
                                 f"{out / 'results.json'}; add --resume to run only the rest"]
-    assert saved_analyses(out) == saved and saved[0] == ANALYSES[0]
+    assert saved_analyses(out) == saved_before(STOPS[name][1]) == ANALYSES[:1]
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp") or p.name.startswith(".write-test")]
 
 

@@ -117,12 +117,16 @@ def test_captured_cross_attention_equals_eager_cross_attentions(name):
     source, target = _source_target(tiny)
     found = saliency.cross_attention(tiny.model, Scope(tiny.model), source, target)
 
+    def eager_cross_attention(eager: torch.nn.Module, inputs: dict) -> np.ndarray:
+        with torch.no_grad():
+            outputs = eager(**inputs, decoder_input_ids=target.sequence[:, :-1], output_attentions=True)
+        return torch.stack(outputs.cross_attentions)[:, 0][:, :, target.queries].double().numpy()
+
     eager = ref.eager_copy(tiny.model)
-    with torch.no_grad():
-        outputs = eager(**source.inputs, decoder_input_ids=target.sequence[:, :-1], output_attentions=True)
-    expected = torch.stack(outputs.cross_attentions)[:, 0][:, :, target.queries].double().numpy()
+    expected = eager_cross_attention(eager, source.inputs)
+    exact = eager_cross_attention(ref.float64_twin(eager), ref.float64_inputs(source.inputs))
     assert found.shape == expected.shape == (2, 4, len(target.queries), source.positions)
-    np.testing.assert_allclose(found, expected, rtol=1e-5, atol=1e-6)
+    ref.assert_matches_eager(found, expected, exact)
     assert expected.std(-1).mean() > 0.01  # the rows are not uniform: the comparison has teeth
 
 

@@ -40,7 +40,6 @@ from headscope.registry import Context
 from headscope.results import Results
 from headscope.runner import RunOptions, analyze
 
-ATOL = 1e-5
 SINK_HEAD, UNIFORM_HEAD, MARK = 0, 1, 0  # planted heads of layer 0; MARK: the hidden dimension that flags position 0
 
 
@@ -105,18 +104,18 @@ def test_sink_reducers_equal_eager_attention(case) -> None:
     for stack, call in calls.items():
         causal = stack in ("self", "decoder") and kind != "encoder"
         windows = _windows(name, len(call))
-        expected = {
-            "mass": ref.sink_mass([call], causal=causal, windows=windows),
-            "first_four": ref.sink_mass([call], positions=(0, 1, 2, 3), causal=causal, windows=windows),
-            "score": ref.sink_mass([call], exclude_own=False, causal=causal, windows=windows),
-            "residual": ref.residual_mass([call]),
-        }
-        got = {"mass": mass, "first_four": first_four, "score": score, "residual": residual}
-        for key, values in expected.items():
-            np.testing.assert_allclose(got[key].result()[stack], values, rtol=0, atol=ATOL, err_msg=f"{stack} {key}")
-        for layer, table in ref.received([call], causal=causal, windows=windows).items():
+        visible = {"causal": causal, "windows": windows}
+        ref.assert_exact(mass.result()[stack], ref.sink_mass, [call], err_msg=f"{stack} mass", **visible)
+        ref.assert_exact(first_four.result()[stack], ref.sink_mass, [call], positions=(0, 1, 2, 3),
+                         err_msg=f"{stack} first_four", **visible)
+        ref.assert_exact(score.result()[stack], ref.sink_mass, [call], exclude_own=False, err_msg=f"{stack} score",
+                         **visible)
+        ref.assert_exact(residual.result()[stack], ref.residual_mass, [call], err_msg=f"{stack} residual")
+        tables = ref.received([call], causal=causal, windows=windows)
+        exact = ref.received(ref.in_float64([call]), causal=causal, windows=windows)
+        for layer, table in tables.items():
             mine = received.result()[(stack, layer)][0]
-            np.testing.assert_allclose(mine[:, : table.shape[1]], table, rtol=0, atol=ATOL, err_msg=f"{stack} {layer}")
+            ref.assert_matches_eager(mine[:, : table.shape[1]], table, exact[layer], err_msg=f"{stack} {layer}")
     if name == "gpt_oss":  # the learned sink withholds mass: clearly nonzero, head by head
         assert residual.result()["self"].min() > 0.01
     if name == "gemma3":  # the sliding window hides the first token from later queries; they are left out
@@ -135,10 +134,11 @@ def test_sink_reducers_equal_eager_attention_while_decoding() -> None:
         sequences = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     calls = ref.decoding_attention(ref.eager_copy(model), "decoder", inputs, sequences)["self"]
 
-    np.testing.assert_allclose(score.result()["self"], ref.sink_mass(calls, exclude_own=False, windows=[4, None, 4]),
-                               rtol=0, atol=ATOL)
+    ref.assert_exact(score.result()["self"], ref.sink_mass, calls, exclude_own=False, windows=[4, None, 4])
+    exact = ref.received(ref.in_float64(calls), windows=[4, None, 4])
     for layer, table in ref.received(calls, windows=[4, None, 4]).items():
-        np.testing.assert_allclose(received.result()[("self", layer)][0][:, : table.shape[1]], table, rtol=0, atol=ATOL)
+        ref.assert_matches_eager(received.result()[("self", layer)][0][:, : table.shape[1]], table, exact[layer],
+                                 err_msg=f"layer {layer}")
 
 
 def test_cross_attention_noncontent_mass_and_filtered_entropy_equal_eager() -> None:
@@ -154,10 +154,9 @@ def test_cross_attention_noncontent_mass_and_filtered_entropy_equal_eager() -> N
         model(**inputs)
 
     cross = [calls["cross"]]
-    np.testing.assert_allclose(raw.result()["cross"], ref.key_mass(cross, key_mask=exclude, exclude_own=False),
-                               rtol=0, atol=ATOL)
-    np.testing.assert_allclose(entropy.result()["cross"], ref.entropy(cross), rtol=0, atol=ATOL)
-    np.testing.assert_allclose(filtered.result()["cross"], ref.filtered_entropy(cross, exclude), rtol=0, atol=ATOL)
+    ref.assert_exact(raw.result()["cross"], ref.key_mass, cross, key_mask=exclude, exclude_own=False)
+    ref.assert_exact(entropy.result()["cross"], ref.entropy, cross)
+    ref.assert_exact(filtered.result()["cross"], ref.filtered_entropy, cross, exclude)
     assert set(filtered.result()) == {"cross"}
 
 
@@ -230,8 +229,10 @@ def test_planted_sink_head_is_found_and_uniform_head_is_not(planted_dir: Path) -
     assert result.top_heads("sink_score", k=1, stack="self")[0][:2] == (0, SINK_HEAD)
     assert result.top_heads("sink_mass", k=1, stack="self")[0][:2] == (0, SINK_HEAD)
     assert score[0, SINK_HEAD] > 0.99 and mass[0, SINK_HEAD] > 0.99
-    assert score[0, UNIFORM_HEAD] == pytest.approx(harmonic / tokens, abs=ATOL)
-    assert mass[0, UNIFORM_HEAD] == pytest.approx((harmonic - 1) / (tokens - 1), abs=ATOL)
+    # exact rows 1/(t+1), each rounded once, then a float32 mean of positive terms: relative error below tokens * eps
+    rel = ref.SLACK * tokens * ref.FLOAT32_EPS
+    assert score[0, UNIFORM_HEAD] == pytest.approx(harmonic / tokens, rel=rel, abs=0)
+    assert mass[0, UNIFORM_HEAD] == pytest.approx((harmonic - 1) / (tokens - 1), rel=rel, abs=0)
     assert score[0, UNIFORM_HEAD] < result.params["eps"]
     assert "0.0=" in result.summary["top_sink_heads_self"][0]
     found = result.tables["sink_tokens"]
@@ -247,8 +248,7 @@ def test_sink_mass_on_detected_sink_tokens_equals_eager(planted_dir: Path, token
     calls = ref.forward_attention(ref.eager_copy(model), "decoder", inputs)
 
     assert 0 in positions and result.params["sink_positions"] == "detected"
-    np.testing.assert_allclose(result.map("sink_mass", "self").values, ref.sink_mass([calls["self"]], positions),
-                               rtol=0, atol=ATOL)
+    ref.assert_exact(result.map("sink_mass", "self").values, ref.sink_mass, [calls["self"]], positions)
 
 
 def test_analysis_maps_and_tables_equal_eager_attention(tiny_llama_dir: Path) -> None:
@@ -259,28 +259,38 @@ def test_analysis_maps_and_tables_equal_eager_attention(tiny_llama_dir: Path) ->
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     model.set_attn_implementation("eager")
     ids = AutoTokenizer.from_pretrained(tiny_llama_dir)(prose(), return_tensors="pt")["input_ids"][:, :64]
-    with torch.no_grad():
-        out = model(ids, output_attentions=True, output_hidden_states=True)
-    score = np.stack([a[0, :, :, 0].double().mean(-1).numpy() for a in out.attentions])
-    mass = np.stack([a[0, :, 1:, 0].double().mean(-1).numpy() for a in out.attentions])
-    np.testing.assert_allclose(result.map("sink_score", "self").values, score, rtol=0, atol=ATOL)
-    np.testing.assert_allclose(result.map("sink_mass", "self").values, mass, rtol=0, atol=ATOL)
+
+    def eager_statistics(eager: torch.nn.Module, inputs: dict) -> tuple[np.ndarray, ...]:
+        """(sink_score, sink_mass, received): on the first token, every query and the later ones; received:
+        attention each position gets, mean over heads and the later queries (layers, positions)."""
+        with torch.no_grad():
+            attentions = eager(**inputs, output_attentions=True).attentions
+        score = np.stack([a[0, :, :, 0].double().mean(-1).numpy() for a in attentions])
+        mass = np.stack([a[0, :, 1:, 0].double().mean(-1).numpy() for a in attentions])
+        received = np.stack([np.array([a[0, :, s + 1:, s].double().mean().item() if s < 63 else np.nan
+                                       for s in range(64)]) for a in attentions])
+        return score, mass, received
+
+    score, mass, received = eager_statistics(model, {"input_ids": ids})
+    score64, mass64, received64 = eager_statistics(ref.float64_twin(model), ref.float64_inputs({"input_ids": ids}))
+    ref.assert_matches_eager(result.map("sink_score", "self").values, score, score64)
+    ref.assert_matches_eager(result.map("sink_mass", "self").values, mass, mass64)
     assert ("residual_mass", "self") not in result.maps and "none" in result.summary["residual_mass"]
 
-    # attention received by each position: mean over heads and the later queries, then over layers
-    received = np.stack([np.array([a[0, :, s + 1:, s].double().mean().item() if s < 63 else np.nan
-                                   for s in range(64)]) for a in out.attentions])
+    # attention received by each position, then averaged over layers
     judged = np.array([63 - s >= 8 for s in range(64)])  # min_queries = 8
     by_position = result.tables["attention_by_position"]
-    np.testing.assert_allclose(by_position["received"].to_numpy(), np.where(judged, received.mean(0), np.nan),
-                               rtol=0, atol=ATOL)
+    ref.assert_matches_eager(by_position["received"].to_numpy(), np.where(judged, received.mean(0), np.nan),
+                             np.where(judged, received64.mean(0), np.nan))
     sink_rows = result.tables["sink_tokens"]
     expected = {(layer, s) for layer in range(2) for s in range(64) if judged[s] and received[layer, s] > 0.05}
     assert set(zip(sink_rows["layer"], sink_rows["position"], strict=True)) == expected
 
     # massive activations: per layer output, the largest |x| and its ratio to the layer's median |x|
+    with torch.no_grad():
+        hidden_states = model(ids, output_hidden_states=True).hidden_states
     table = result.tables["massive_activations"]
-    for layer, state in enumerate(out.hidden_states[1:]):
+    for layer, state in enumerate(hidden_states[1:]):
         x = state[0].abs().numpy()
         rows = table[table["layer"] == layer]
         top = rows.iloc[0]
@@ -298,18 +308,24 @@ def test_gu_protocol_measures_each_paragraph_in_one_prefill(tiny_llama_dir: Path
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     model.set_attn_implementation("eager")
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    alphas = []
-    for paragraph in prose().split("\n\n"):
-        ids = tokenizer(paragraph, return_tensors="pt")["input_ids"][:, :64]
+
+    def first_token_scores(eager: torch.nn.Module, inputs: dict) -> np.ndarray:
+        """(layers, heads): each query's attention on the first token, mean over queries."""
         with torch.no_grad():
-            alphas.append(np.stack([a[0, :, :, 0].double().mean(-1).numpy()
-                                    for a in model(ids, output_attentions=True).attentions]))
+            return np.stack([a[0, :, :, 0].double().mean(-1).numpy()
+                             for a in eager(**inputs, output_attentions=True).attentions])
+
+    alphas, exact = [], []
+    for paragraph in prose().split("\n\n"):
+        inputs = {"input_ids": tokenizer(paragraph, return_tensors="pt")["input_ids"][:, :64]}
+        alphas.append(first_token_scores(model, inputs))
+        exact.append(first_token_scores(ref.float64_twin(model), ref.float64_inputs(inputs)))
     print(f"\ntiny llama, Gu protocol: sink rate at eps {eps}: {result.summary['sink_rate_self']}")
 
     assert result.summary["passes"] == 7 and max(result.summary["tokens"]) == 64
     rate = 100 * np.mean([(alpha > eps).mean() for alpha in alphas])
     assert result.summary["sink_rate_self"] == pytest.approx(rate, abs=0.01)
-    np.testing.assert_allclose(result.map("sink_score", "self").values, np.mean(alphas, axis=0), rtol=0, atol=ATOL)
+    ref.assert_matches_eager(result.map("sink_score", "self").values, np.mean(alphas, axis=0), np.mean(exact, axis=0))
 
 
 @pytest.fixture(scope="module")
@@ -446,16 +462,22 @@ def test_whisper_sinks_on_three_stacks_from_the_command_line(tmp_path: Path) -> 
     features = probe_inputs.build(loaded).inputs
     sequence = decoding.own_output(eager, features, 64).sequence
     assert loaded.processor.tokenizer.decode(sequence[0], skip_special_tokens=True).strip() == result.summary["output"]
-    with torch.no_grad():
-        cross = eager(**features, decoder_input_ids=sequence[:, :-1], output_attentions=True).cross_attentions
-    attention = torch.stack(cross)[:, 0]  # (layers, heads, queries, 1500)
     noncontent = torch.tensor(reasons != "speech")
-    expected = attention[..., noncontent].sum(-1).mean(-1).numpy()
-    np.testing.assert_allclose(result.map("noncontent_mass", "cross").values, expected, rtol=0, atol=1e-4)
-    kept = attention[..., ~noncontent]
-    kept = kept / kept.sum(-1, keepdim=True)
-    filtered = -(kept * kept.clamp_min(1e-30).log()).sum(-1).mean(-1).numpy()
-    np.testing.assert_allclose(result.map("filtered_entropy", "cross").values, filtered, rtol=0, atol=1e-3)
+
+    def cross_statistics(model: torch.nn.Module, inputs: dict) -> tuple[np.ndarray, np.ndarray]:
+        """(noncontent_mass, filtered_entropy), each (layers, heads), from eager cross-attention."""
+        with torch.no_grad():
+            cross = model(**inputs, decoder_input_ids=sequence[:, :-1], output_attentions=True).cross_attentions
+        attention = torch.stack(cross)[:, 0].double()  # (layers, heads, queries, 1500)
+        kept = attention[..., ~noncontent]
+        kept = kept / kept.sum(-1, keepdim=True)
+        return (attention[..., noncontent].sum(-1).mean(-1).numpy(),
+                -(kept * kept.clamp_min(1e-30).log()).sum(-1).mean(-1).numpy())
+
+    mass, filtered = cross_statistics(eager, features)
+    mass64, filtered64 = cross_statistics(ref.float64_twin(eager), ref.float64_inputs(features))
+    ref.assert_matches_eager(result.map("noncontent_mass", "cross").values, mass, mass64)
+    ref.assert_matches_eager(result.map("filtered_entropy", "cross").values, filtered, filtered64)
 
 
 def test_audio_frames_past_the_clip_are_padding_and_quiet_ones_silence() -> None:

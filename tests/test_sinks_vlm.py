@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import reference as ref
 import tiny_models as tm
 import tiny_vlms
 import torch
@@ -26,7 +27,6 @@ from headscope.registry import Context
 
 LAYERS, HEADS, WIDTH, HEAD_DIM = 2, 4, 32, 8
 NEW_TOKENS = 3
-ATOL = 1e-5
 # Planted LLaVA: hidden dimensions and the image patch that becomes a visual sink.
 SINK_DIM, CONSTANT, IMAGE_DIM = 0, 30, 31
 PATCH, FEATURE, UNIT = 5, 7, 0  # image token 5 (row 1, column 1 of 4 x 4); the vision feature and projector unit
@@ -49,9 +49,9 @@ def run_sinks(loaded, **params) -> hs.AnalysisResult:
     return sinks.run(Context(loaded, Scope(loaded.model), params=params))
 
 
-def eager_run(loaded: hs.Loaded, max_new_tokens: int) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, ...]]:
-    """The default probe (shipped picture 0), its greedy continuation, and eager attention over the prompt and the
-    continuation but its last token: transformers alone."""
+def eager_run(loaded: hs.Loaded, max_new_tokens: int) -> tuple[dict[str, torch.Tensor], torch.nn.Module]:
+    """The default probe (shipped picture 0) with its greedy continuation but its last token, and an eager copy of
+    the model to read attention over it with (:func:`eager_attentions`): transformers alone."""
     model = loaded.model
     loaded_inputs = images.encode(loaded, images.shipped(1)[0])
     with torch.no_grad():
@@ -59,11 +59,19 @@ def eager_run(loaded: hs.Loaded, max_new_tokens: int) -> tuple[dict[str, torch.T
     grown = sequence.shape[1] - loaded_inputs["input_ids"].shape[1]
     forced = {**loaded_inputs, "input_ids": sequence,
               "attention_mask": torch.cat([loaded_inputs["attention_mask"], torch.ones(1, grown, dtype=torch.long)], 1)}
-    eager = copy.deepcopy(model)
-    eager.set_attn_implementation("eager")
+    return forced, ref.eager_copy(model)
+
+
+def eager_attentions(eager: torch.nn.Module, forced: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     with torch.no_grad():
-        attentions = eager(**forced, output_attentions=True, use_cache=False).attentions
-    return forced, attentions
+        return eager(**forced, output_attentions=True, use_cache=False).attentions
+
+
+def _eager_mass(eager: torch.nn.Module, forced: dict[str, torch.Tensor], keys: torch.Tensor,
+                rows: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_mass` of eager float32 attention and of the float64 twin's, on the same inputs."""
+    return (_mass(eager_attentions(eager, forced), keys, rows),
+            _mass(eager_attentions(ref.float64_twin(eager), ref.float64_inputs(forced)), keys, rows))
 
 
 def _image_rows(forced: dict[str, torch.Tensor], image_token: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,11 +91,11 @@ def _mass(attentions, keys: torch.Tensor, rows: torch.Tensor) -> np.ndarray:
 def test_image_mass_equals_eager_output_attentions(vlm_dirs):
     loaded = hs.load(vlm_dirs["llava"])
     result = run_sinks(loaded, max_new_tokens=NEW_TOKENS)
-    forced, attentions = eager_run(loaded, NEW_TOKENS)
+    forced, eager = eager_run(loaded, NEW_TOKENS)
     image, after = _image_rows(forced, loaded.model.config.image_token_id)
-    want = _mass(attentions, image, after)
+    want, exact = _eager_mass(eager, forced, image, after)
 
-    np.testing.assert_allclose(result.map("image_mass", "self").values, want, rtol=0, atol=ATOL)
+    ref.assert_matches_eager(result.map("image_mass", "self").values, want, exact)
     assert result.summary["image_tokens"] == 16 and result.summary["image_grid"] == "4 x 4"
     assert result.summary["image_queries"] == int(after.sum()) > NEW_TOKENS
     assert 0.05 < want.mean() < 0.95  # the random heads do share attention between image and text
@@ -101,14 +109,17 @@ def test_image_mass_equals_eager_output_attentions(vlm_dirs):
 def test_vision_tower_gets_the_generic_maps_equal_to_eager(vlm_dirs):
     loaded = hs.load(vlm_dirs["llava"])
     result = run_sinks(loaded, max_new_tokens=1)
-    pixels = images.encode(loaded, images.shipped(1)[0])["pixel_values"]
-    tower = copy.deepcopy(loaded.model.model.vision_tower)
-    tower.set_attn_implementation("eager")
-    with torch.no_grad():
-        attentions = tower(pixels, output_attentions=True).attentions
-    want = np.stack([a[0, :, :, 0].double().mean(-1).numpy() for a in attentions])  # every patch sees position 0
+    pixels = {"pixel_values": images.encode(loaded, images.shipped(1)[0])["pixel_values"]}
 
-    np.testing.assert_allclose(result.map("sink_score", "vision").values, want, rtol=0, atol=ATOL)
+    def first_patch_score(tower: torch.nn.Module, inputs: dict) -> np.ndarray:
+        with torch.no_grad():
+            attentions = tower(**inputs, output_attentions=True).attentions
+        return np.stack([a[0, :, :, 0].double().mean(-1).numpy() for a in attentions])  # every patch sees position 0
+
+    tower = ref.eager_copy(loaded.model.model.vision_tower)
+    want = first_patch_score(tower, pixels)
+    exact = first_patch_score(ref.float64_twin(tower), ref.float64_inputs(pixels))
+    ref.assert_matches_eager(result.map("sink_score", "vision").values, want, exact)
     assert ("image_mass", "vision") not in result.maps
 
 
@@ -237,19 +248,20 @@ def test_image_centric_rule_on_hand_made_numbers():
 
 def test_planted_image_centric_head_is_found_and_sink_head_is_not(planted):
     result = run_sinks(planted, **PLANTED)
-    forced, attentions = eager_run(planted, NEW_TOKENS)
+    forced, eager = eager_run(planted, NEW_TOKENS)
     image, after = _image_rows(forced, planted.model.config.image_token_id)
     sink = torch.zeros_like(image)
     sink[int(image.nonzero()[PATCH])] = True
-    image_mass, sink_mass = _mass(attentions, image, after), _mass(attentions, sink, after)
+    image_mass, image_exact = _eager_mass(eager, forced, image, after)
+    sink_mass, sink_exact = _eager_mass(eager, forced, sink, after)
     share = result.map("visual_sink_share", "self").values
     centric = result.map("image_centric", "self").values
     heads = result.tables["image_centric_heads"]
     print(f"\nplanted heads: image mass {image_mass[0, [CENTRIC_HEAD, SINK_HEAD]]}, sink share "
           f"{share[0, [CENTRIC_HEAD, SINK_HEAD]]}, image-centric heads {heads[['layer', 'head']].values.tolist()}")
 
-    np.testing.assert_allclose(result.map("image_mass", "self").values, image_mass, rtol=0, atol=ATOL)
-    np.testing.assert_allclose(result.map("visual_sink_mass", "self").values, sink_mass, rtol=0, atol=ATOL)
+    ref.assert_matches_eager(result.map("image_mass", "self").values, image_mass, image_exact)
+    ref.assert_matches_eager(result.map("visual_sink_mass", "self").values, sink_mass, sink_exact)
     assert image_mass[0, CENTRIC_HEAD] > 0.9 and share[0, CENTRIC_HEAD] < 0.05
     assert image_mass[0, SINK_HEAD] > 0.2 and share[0, SINK_HEAD] > 0.95
     assert centric[0, CENTRIC_HEAD] == 1.0 and centric[0, SINK_HEAD] == 0.0

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import reference as ref
 import tiny_models as tm
 import tiny_vlms
 import torch
@@ -108,16 +109,21 @@ def test_language_stack_attention_equals_eager_output_attentions(vlm_dirs, famil
     maps = FullMaps(heads)
     with torch.no_grad(), Scope(loaded.model).capture(maps):
         loaded.model(**pair.with_image, use_cache=False)
-    eager = copy.deepcopy(loaded.model)
-    eager.set_attn_implementation("eager")
-    with torch.no_grad():
-        want = eager(**pair.with_image, output_attentions=True, use_cache=False).attentions
+
+    def eager_attentions(model: torch.nn.Module, inputs: dict) -> tuple[torch.Tensor, ...]:
+        with torch.no_grad():
+            return model(**inputs, output_attentions=True, use_cache=False).attentions
+
+    eager = ref.eager_copy(loaded.model)
+    want = eager_attentions(eager, pair.with_image)
+    exact = eager_attentions(ref.float64_twin(eager), ref.float64_inputs(pair.with_image))
     got = maps.result()
     tokens = pair.with_image["input_ids"].shape[1]
     for stack, layer, head in heads:
         found = got[(0, stack, layer, head)]
         assert found.shape == (1, tokens, tokens)
-        torch.testing.assert_close(found, want[layer][:, head].float(), atol=1e-5, rtol=0)
+        ref.assert_matches_eager(found, want[layer][:, head], exact[layer][:, head],
+                                 err_msg=f"layer {layer} head {head}")
     image = pair.image_mask
     assert float(want[1][0, :, ~image][:, :, image].sum()) > 0.1  # text queries do attend to image tokens
 
@@ -232,16 +238,20 @@ def test_image_attention_of_each_generation_step_equals_eager(vlm_dirs, family):
     view = vhd.ImageAttention(pair.image_mask)
     generated = vhd.generate(model, scope, pair.with_image, NEW_TOKENS, reducers=(view.reducer,))
     assert torch.equal(generated, vhd.generate(model, scope, pair.with_image, NEW_TOKENS))  # capture changes nothing
-    eager = copy.deepcopy(model)
-    eager.set_attn_implementation("eager")
     forced = vhd.extended(pair.with_image, generated[:-1])
-    with torch.no_grad():
-        maps = eager(**forced, output_attentions=True, use_cache=False).attentions
     first = pair.with_image["input_ids"].shape[1] - 1
     image = torch.cat([pair.image_mask, torch.zeros(NEW_TOKENS - 1, dtype=torch.bool)])
-    want = torch.stack([m[0, :, first:first + NEW_TOKENS][:, :, image].double().mean(1) for m in maps])
-    np.testing.assert_allclose(view.rows(), want.numpy(), atol=1e-5)
-    np.testing.assert_allclose(view.mass(), want.sum(-1).numpy(), atol=1e-5)
+
+    def image_rows(eager: torch.nn.Module, inputs: dict) -> np.ndarray:
+        """(layers, heads, image tokens): each generation step's attention on the image, mean over the steps."""
+        with torch.no_grad():
+            maps = eager(**inputs, output_attentions=True, use_cache=False).attentions
+        return torch.stack([m[0, :, first:first + NEW_TOKENS][:, :, image].double().mean(1) for m in maps]).numpy()
+
+    eager = ref.eager_copy(model)
+    want, exact = image_rows(eager, forced), image_rows(ref.float64_twin(eager), ref.float64_inputs(forced))
+    ref.assert_matches_eager(view.rows(), want, exact)
+    ref.assert_matches_eager(view.mass(), want.sum(-1), exact.sum(-1))
     assert view.mass().max() > 0.05
     tokens = int(pair.image_mask.sum())
     assert vhd.patch_grid(model, pair.with_image, tokens) == {16: (4, 4), 4: (2, 2)}[tokens]
@@ -389,7 +399,7 @@ def test_cli_refuses_an_input_that_is_not_an_image(vlm_dirs, tmp_path, monkeypat
 def test_cli_refuses_a_bad_vhd_parameter(vlm_dirs, tmp_path, monkeypatch, capsys):
     run = headscope(monkeypatch, capsys, "analyze", str(vlm_dirs["llava"]), "--analyses", "vhd", "--out",
                     str(tmp_path / "out"), "--set", "vhd.average=median")
-    assert "average must be one of prompts, tokens" in run.error_line()
+    assert "vhd.average takes one of 'prompts', 'tokens', not 'median'" in run.error_line()
 
 
 # --- probes ---------------------------------------------------------------------------------------------------

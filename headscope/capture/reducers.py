@@ -60,7 +60,7 @@ class Chunk:
 class Reducer:
     """Base class: a statistic per (layer, head) per stack, as ``sums / counts``.
 
-    Subclasses implement :meth:`update` (add one chunk's contribution through :meth:`_add`). ``stacks``
+    Subclasses implement :meth:`update` (add one chunk's contribution through :meth:`add`). ``stacks``
     limits the reducer to some attention stacks (all by default).
     """
 
@@ -83,8 +83,10 @@ class Reducer:
     def update(self, chunk: Chunk) -> None:
         raise NotImplementedError
 
-    def _add(self, site: Site, per_head: torch.Tensor, count: torch.Tensor | float) -> None:
-        """Add (H,) sums and a count (per head or shared) to ``site``'s layer, on the chunk's device."""
+    def add(self, site: Site, per_head: torch.Tensor, count: torch.Tensor | float) -> None:
+        """Add (H,) sums and a count (per head or shared) to ``site``'s layer, on the chunk's device: what a
+        subclass's :meth:`update` calls with each chunk's contribution. :meth:`result` is then ``sums / counts``,
+        and :meth:`merge` and :meth:`all_reduce` add them across inputs and processes."""
         if site.stack not in self.sums:
             stack = self._shapes[site.stack]
             dtype = torch.float32 if per_head.device.type == "mps" else torch.float64
@@ -178,7 +180,7 @@ class KeyMass(Reducer):
             own = in_set.gather(1, chunk.query_position.clamp_max(in_set.shape[1] - 1)[None, :]
                                 .expand(in_set.shape[0], -1))
             weight = weight * (~own).to(weight.dtype)
-        self._add(chunk.site, torch.einsum("bhc,bc->h", mass, weight), weight.sum())
+        self.add(chunk.site, torch.einsum("bhc,bc->h", mass, weight), weight.sum())
 
 
 class Entropy(Reducer):
@@ -199,7 +201,7 @@ class Entropy(Reducer):
         else:
             entropy = -torch.special.xlogy(chunk.probs, chunk.probs).sum(-1)
         weight = _valid_queries(chunk)
-        self._add(chunk.site, torch.einsum("bhc,bc->h", entropy, weight), weight.sum())
+        self.add(chunk.site, torch.einsum("bhc,bc->h", entropy, weight), weight.sum())
 
 
 class MeanDistance(Reducer):
@@ -214,7 +216,7 @@ class MeanDistance(Reducer):
         distance = (chunk.query_position.to(keys.dtype)[:, None] - keys[None, :]).abs()
         per_query = torch.einsum("bhck,ck->bhc", chunk.probs, distance)
         weight = _valid_queries(chunk)
-        self._add(chunk.site, torch.einsum("bhc,bc->h", per_query, weight), weight.sum())
+        self.add(chunk.site, torch.einsum("bhc,bc->h", per_query, weight), weight.sum())
 
 
 class OffsetMass(Reducer):
@@ -246,7 +248,7 @@ class OffsetMass(Reducer):
         weight = weight * chunk.key_valid.gather(1, clamped[None, :].expand(batch, -1)).to(mass.dtype)
         if self.query_mask is not None:
             weight = weight * self.query_mask.to(chunk.probs.device)[:, chunk.query_index].to(mass.dtype)
-        self._add(chunk.site, torch.einsum("bhc,bc->h", mass, weight), weight.sum())
+        self.add(chunk.site, torch.einsum("bhc,bc->h", mass, weight), weight.sum())
 
 
 class ArgmaxKey(Reducer):
@@ -392,7 +394,7 @@ class SinkMass(KeyMass):
             own = in_set.gather(1, chunk.query_position.clamp_max(in_set.shape[1] - 1)[None, :]
                                 .expand(in_set.shape[0], -1))
             weight = weight * (~own).to(weight.dtype)[:, None, :]
-        self._add(chunk.site, (mass * weight).sum(dim=(0, 2)), weight.sum(dim=(0, 2)))
+        self.add(chunk.site, (mass * weight).sum(dim=(0, 2)), weight.sum(dim=(0, 2)))
 
     @staticmethod
     def _sees(chunk: Chunk, in_set: torch.Tensor) -> torch.Tensor:
@@ -416,7 +418,7 @@ class ResidualMass(Reducer):
     def update(self, chunk: Chunk) -> None:
         residual = 1.0 - chunk.probs.sum(dim=-1, dtype=torch.float64)  # (B, H, C)
         weight = chunk.query_valid.to(residual.dtype)
-        self._add(chunk.site, torch.einsum("bhc,bc->h", residual, weight), weight.sum())
+        self.add(chunk.site, torch.einsum("bhc,bc->h", residual, weight), weight.sum())
 
 
 class KeyReceived(Reducer):
@@ -523,4 +525,4 @@ class FilteredEntropy(Reducer):
         defined = filtered.isfinite().all(dim=-1)  # (B, H, C)
         entropy = -torch.special.xlogy(filtered, filtered).sum(dim=-1).nan_to_num(0.0)
         weight = defined.double() * chunk.query_valid.double()[:, None, :]
-        self._add(chunk.site, (entropy * weight).sum(dim=(0, 2)), weight.sum(dim=(0, 2)))
+        self.add(chunk.site, (entropy * weight).sum(dim=(0, 2)), weight.sum(dim=(0, 2)))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,7 +102,7 @@ def load(
     config = _config(folder, options, str(source))
     if getattr(config, "headscope_synthetic", None):  # a model headscope built with untrained parts says so
         provenance["synthetic"] = str(config.headscope_synthetic)
-    kind = _kind(config)
+    kind = kind_of(config)
     placement = placement_options(device_map, offload_folder)
     with _quiet_transformers():
         model = _model_class(config, kind).from_pretrained(
@@ -195,7 +197,8 @@ def _config(folder: str, options: dict[str, Any], source: str):
         raise HeadscopeError(f"'{source}' is not a transformers model: {_first_line(error)}") from error
 
 
-def _kind(config) -> Kind:
+def kind_of(config) -> Kind:
+    """What a model of ``config`` is: decoder, encoder, encoder-decoder or vision-language."""
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
@@ -258,6 +261,32 @@ def _check_device(device: str) -> None:
 
 def _first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Keep transformers' warnings and progress bars off the output while headscope calls it: its log records stop
+    at its own stream handlers (a handler a caller added, such as a test's, still sees them), its UserWarnings are
+    ignored, and its tqdm bars are off. Deprecation warnings are left as they are."""
+    from transformers.utils import logging as hf_logging
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+    streams = [h for h in logging.getLogger("transformers").handlers if isinstance(h, logging.StreamHandler)]
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    for handler in streams:
+        handler.addFilter(keep)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+            yield
+    finally:
+        for handler in streams:
+            handler.removeFilter(keep)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager
