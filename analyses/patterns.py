@@ -39,7 +39,6 @@ from plotly.subplots import make_subplots
 from headscope import distributed
 from headscope.capture.reducers import Entropy, FullMaps, KeyMass, MeanDistance, OffsetMass
 from headscope.errors import HeadscopeError
-from headscope.probes import inputs as probe_inputs
 from headscope.probes import repeated as repeated_probe
 from headscope.registry import Context, Parameters, register
 from headscope.results import AnalysisResult, HeadMap
@@ -111,7 +110,7 @@ def run(context: Context) -> AnalysisResult:
     offsets = DECODER_OFFSETS if causal else ENCODER_OFFSETS
 
     scores = repeated_scores(context, probe, stack)
-    prose = probe_inputs.build(context.loaded, context.text, context.input_path, context.max_tokens)
+    prose = context.probe()
     prose_features = prose_scores(context, prose.inputs, stack, offsets)
 
     result = AnalysisResult(name="patterns", params={

@@ -99,7 +99,7 @@ class Params(Parameters):
         token: the explained token drawn in the overlay figure (index among the explained tokens; default
             the middle one).
         batch_size: rows per forward/backward pass of the attribution and deletion passes.
-        budget_bytes: memory the captured cross-attention maps may take.
+        memory_gib: memory the captured cross-attention maps may take, in GiB (the unit of every analysis's budget).
         top_k: heads listed in the summary.
         seed: seed of the random deletion order.
     """
@@ -119,7 +119,7 @@ class Params(Parameters):
     deletion_attention: str = "all_layers"
     token: int | None = None
     batch_size: int = 4
-    budget_bytes: int = 256 * 2**20
+    memory_gib: float = 0.25
     top_k: int = 5
     seed: int = 0
 
@@ -131,10 +131,10 @@ class Params(Parameters):
         if self.baseline not in ("floor", "zero") or self.pooling not in ("max", "mean"):
             raise HeadscopeError("saliency needs baseline 'floor' or 'zero' and pooling 'max' or 'mean'")
         positive = (self.ig_steps, self.patch_frames, self.patch_bands, self.max_new_tokens, self.source_tokens,
-                    self.batch_size, self.budget_bytes)
-        if min(positive) < 1 or self.deletion_tokens < 0 or self.tokens < 0:
+                    self.batch_size)
+        if min(positive) < 1 or self.memory_gib <= 0 or self.deletion_tokens < 0 or self.tokens < 0:
             raise HeadscopeError("saliency needs ig_steps, patch_frames, patch_bands, max_new_tokens, source_tokens, "
-                                 "batch_size and budget_bytes >= 1, and tokens and deletion_tokens >= 0")
+                                 "batch_size >= 1, memory_gib > 0, and tokens and deletion_tokens >= 0")
         if not all(0 < f <= 1 for f in self.deletion_fractions):
             raise HeadscopeError("saliency deletion_fractions must lie in (0, 1]")
 
@@ -419,7 +419,7 @@ def explain(model, scope: Scope, source: Source, target: Target, params: Params)
     """Cross-attention and each saliency method's attribution for every explained token."""
     scorer = Scorer(model, source, target)
     started = time.perf_counter()
-    attention = cross_attention(model, scope, source, target, params.budget_bytes)
+    attention = cross_attention(model, scope, source, target, int(params.memory_gib * 2**30))
     seconds = {"cross_attention": time.perf_counter() - started}
     with torch.no_grad():
         log_probs = scorer(source.x).double().cpu().numpy()[0]

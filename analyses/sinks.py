@@ -47,7 +47,6 @@ from headscope.capture.reducers import Entropy, FilteredEntropy, KeyMass, KeyRec
 from headscope.errors import HeadscopeError
 from headscope.probes import audio as probe_audio
 from headscope.probes import decoding
-from headscope.probes import inputs as probe_inputs
 from headscope.probes import text as probe_text
 from headscope.probes.text import noncontent
 from headscope.registry import Context, Parameters, register
@@ -221,7 +220,7 @@ def _tokenizer(context: Context):
 def _passes(context: Context, params: Params) -> tuple[list[_Pass], str]:
     """The inputs to measure: the probe in one pass, or under Gu et al.'s protocol, 64-token inputs."""
     loaded = context.loaded
-    probe = probe_inputs.build(loaded, context.text, context.input_path, context.max_tokens)
+    probe = context.probe()
     if loaded.info.kind == "vision-language":
         inputs, new = sinks_vlm.decoded(loaded.model, context.scope, probe.inputs, params.max_new_tokens)
         source = (f"{probe.source}; {len(new)} token(s) decoded greedily, the prompt and all but the last read back "
@@ -306,7 +305,8 @@ def _measure_detected(context: Context, params: Params, one: _Pass, found: pd.Da
     inputs = {name: tensor.to(model.device) for name, tensor in one.inputs.items()}
     with torch.no_grad(), context.scope.capture(*reducers):
         if one.generate:
-            model.generate(**inputs, max_new_tokens=params.max_new_tokens, do_sample=False)
+            model.generate(**inputs, max_new_tokens=params.max_new_tokens, do_sample=False,
+                           **decoding.cache_for_generate(model))
         else:
             model(**inputs, **_few_logits(model))
     for reducer in reducers[1:]:

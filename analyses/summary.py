@@ -18,7 +18,7 @@ import torch
 
 from headscope.capture.reducers import Entropy, KeyMass
 from headscope.errors import HeadscopeError
-from headscope.probes import inputs as probe_inputs
+from headscope.probes import decoding
 from headscope.registry import Context, Parameters, register
 from headscope.results import AnalysisResult, HeadMap
 
@@ -50,14 +50,15 @@ class Params(Parameters):
 def run(context: Context) -> AnalysisResult:
     started = time.perf_counter()
     params = Params.read(context.params)
-    probe = probe_inputs.build(context.loaded, context.text, context.input_path, context.max_tokens)
+    probe = context.probe()
     model = context.loaded.model
     mass, entropy = KeyMass(positions=(0,)), Entropy()
     inputs = {name: tensor.to(model.device) for name, tensor in probe.inputs.items()}
     summary: dict = {"input": probe.source, "tokens": len(probe.tokens)}
     with torch.no_grad(), context.scope.capture(mass, entropy):
         if probe.generate:
-            generated = model.generate(**inputs, max_new_tokens=params.max_new_tokens, do_sample=False)
+            generated = model.generate(**inputs, max_new_tokens=params.max_new_tokens, do_sample=False,
+                                       **decoding.cache_for_generate(model))
             processor = context.loaded.processor
             summary["output"] = processor.batch_decode(generated, skip_special_tokens=True)[0].strip()
             summary["tokens"] = int(generated.shape[1])

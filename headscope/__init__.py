@@ -29,6 +29,7 @@ from headscope.capture.reducers import (
     LastRow,
     MeanDistance,
     OffsetMass,
+    Recorder,
     Reducer,
 )
 from headscope.errors import HeadscopeError
@@ -53,6 +54,7 @@ __all__ = [
     "OffsetMass",
     "Parameters",
     "Patterns",
+    "Recorder",
     "Reducer",
     "Results",
     "RunOptions",

@@ -37,7 +37,7 @@ from headscope.progress import Notebook, Plain, Reporter, in_jupyter, reporting
 from headscope.results import AnalysisResult
 
 Model = str | Path | Loaded | nn.Module | tuple | None
-DEFAULT_PATTERN_MIB = 256
+DEFAULT_PATTERN_GIB = 0.25
 DECODED_TOKENS = 16
 
 
@@ -94,9 +94,15 @@ def run(
 
 def progress_reporter(progress: bool | None) -> Reporter:
     """How :func:`run` shows long steps (see its ``progress``)."""
-    if progress is False or (progress is None and not in_jupyter()):
-        return Reporter()
+    if progress is False or (progress is None and not (in_jupyter() and _widgets())):
+        return Reporter()  # without ipywidgets, tqdm in Jupyter writes a warning and a text line per update
     return Notebook() if in_jupyter() else Plain()
+
+
+def _widgets() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ipywidgets") is not None
 
 
 def as_loaded(model: Model, processor: Any = None, *, dtype: str = "float32", device: str = "cpu") -> Loaded:
@@ -217,16 +223,17 @@ class Patterns:
 
 
 def patterns_of(model: Model, text: str | None = None, heads: Any = None, *, stack: str | None = None,
-                max_tokens: int | None = None, budget_mib: float = DEFAULT_PATTERN_MIB, processor: Any = None,
+                max_tokens: int | None = None, memory_gib: float = DEFAULT_PATTERN_GIB, processor: Any = None,
                 dtype: str = "float32", device: str = "cpu") -> Patterns:
     """The full attention patterns of ``heads`` on ``text`` (default: the start of the shipped prose), in one
     forward pass, read from the same capture as every analysis.
 
     ``heads``: ``(layer, head)`` pairs of ``stack``, ``(stack, layer, head)`` triples, or None for every head of
     every token stack, refused with one :class:`HeadscopeError` when their maps would take more than
-    ``budget_mib`` MiB. ``stack`` defaults to the model's first stack (``self``; an encoder-decoder's ``decoder``,
-    with ``cross`` and ``encoder`` beside it). An encoder-decoder reads the text as its source and decodes its own
-    output (at most 16 tokens) for the decoder and cross-attention patterns.
+    ``memory_gib`` GiB (the unit of every analysis's memory budget). ``stack`` defaults to the model's first stack
+    (``self``; an encoder-decoder's ``decoder``, with ``cross`` and ``encoder`` beside it). An encoder-decoder
+    reads the text as its source and decodes its own output (at most 16 tokens) for the decoder and
+    cross-attention patterns.
     """
     loaded = as_loaded(model, processor, dtype=dtype, device=device)
     net, processor, info = loaded
@@ -246,12 +253,12 @@ def patterns_of(model: Model, text: str | None = None, heads: Any = None, *, sta
     else:
         tokens = {s: (source, source) for s in info.stacks if not s.startswith("vision")}
     chosen = _heads(heads, stack or next(iter(tokens)), tokens, info)
-    budget = int(budget_mib * 2**20)
+    budget = int(memory_gib * 2**30)
     needed = sum(4 * len(tokens[s][0]) * len(tokens[s][1]) for s, _, _ in chosen)
     if needed > budget:
         raise HeadscopeError(f"the patterns of {len(chosen)} heads on {len(source)} tokens need "
-                             f"{needed / 2**20:.0f} MiB, over budget_mib={budget_mib:g}: name fewer heads, use "
-                             "a shorter text, or raise budget_mib")
+                             f"{needed / 2**20:.0f} MiB, over memory_gib={memory_gib:g}: name fewer heads, use "
+                             "a shorter text, or raise memory_gib")
     reducer = FullMaps(chosen, budget_bytes=budget)
     with torch.no_grad(), Scope(net).capture(reducer):
         net(**inputs)

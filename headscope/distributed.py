@@ -21,12 +21,11 @@ from typing import Any, TypeVar
 
 import torch
 
-from headscope.capture.reducers import Reducer
+from headscope.capture.reducers import Recorder, Reducer
 from headscope.errors import HeadscopeError
 
 T = TypeVar("T")
 # Reducers that keep records (argmax keys, rows, maps) rather than sums: gather them, do not add them.
-_RECORDS = ("records", "rows", "maps")
 
 
 def world_size() -> int:
@@ -147,7 +146,7 @@ def all_reduce_reducers(reducers: Iterable[Reducer]) -> None:
     if not active():
         return
     for reducer in reducers:
-        if any(hasattr(reducer, name) for name in _RECORDS):
+        if isinstance(reducer, Recorder):
             raise TypeError(f"{type(reducer).__name__} keeps records, not sums: gather it with gather_objects")
     layouts = gather_objects([{key: tuple(sums.shape) for key, sums in r.sums.items()} for r in reducers])
     device = torch.device("cuda", torch.cuda.current_device()) if _backend() == "nccl" else torch.device("cpu")

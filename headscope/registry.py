@@ -27,7 +27,9 @@ class Context:
     """What an analysis runs on: the loaded model, its scope, and the user's input and options.
 
     ``text`` is the user's free text (``--text``/``--input``), or None for the analysis's default probe;
-    ``max_tokens`` truncates inputs; ``params`` holds per-analysis parameter overrides.
+    ``max_tokens`` truncates inputs; ``params`` holds the analysis's parameters (its :class:`Parameters`, already
+    read, when the runner made the context; a dict of overrides otherwise). :meth:`probe` is the run's input,
+    built once by the runner and shared by the analyses.
     """
 
     loaded: Loaded
@@ -36,7 +38,17 @@ class Context:
     input_path: str | None = None
     max_tokens: int | None = None
     seed: int = 0
-    params: dict[str, Any] = field(default_factory=dict)
+    params: Any = field(default_factory=dict)
+    built: Any = None  # the probe of (text, input_path, max_tokens), once built
+
+    def probe(self) -> Any:
+        """The run's input (:func:`headscope.probes.inputs.build` of ``text``, ``input_path`` and ``max_tokens``),
+        built on first use and kept."""
+        if self.built is None:
+            from headscope.probes import inputs
+
+            self.built = inputs.build(self.loaded, self.text, self.input_path, self.max_tokens)
+        return self.built
 
 
 @dataclass(frozen=True)

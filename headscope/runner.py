@@ -94,7 +94,7 @@ def analyze(options: RunOptions, progress: Callable[[str], None] = lambda messag
             continue
         progress(f"running {analysis.name}")
         result = run_analysis(analysis, loaded, scope, options.text, options.input_path, options.max_tokens,
-                              options.seed, options.params.get(analysis.name, {}))
+                              options.seed, options.params.get(analysis.name, {}), probe=probe)
         if loaded.info.source.get("synthetic") and result.status == "ok":
             result.summary.setdefault("synthetic_model", loaded.info.source["synthetic"])
         results.add(result)
@@ -125,7 +125,7 @@ def _views(loaded: Loaded, scope: Scope, results: Results, options: RunOptions) 
 
 def run_analysis(analysis: Analysis, loaded: Loaded, scope: Scope, text: str | None = None,
                  input_path: str | None = None, max_tokens: int | None = None, seed: int = 0,
-                 params: dict[str, Any] | None = None, failures: str = "record") -> AnalysisResult:
+                 params: dict[str, Any] | None = None, failures: str = "record", probe: Any = None) -> AnalysisResult:
     """Run one analysis on ``loaded``: seed torch, read its parameters, run it. ``headscope analyze`` and
     :func:`headscope.run` both come here.
 
@@ -135,7 +135,7 @@ def run_analysis(analysis: Analysis, loaded: Loaded, scope: Scope, text: str | N
     """
     torch.manual_seed(seed)
     context = Context(loaded, scope, text, input_path, max_tokens, seed,
-                      params=analysis.read_params(dict(params or {}), seed))
+                      params=analysis.read_params(dict(params or {}), seed), built=probe)
     started = time.perf_counter()
     try:
         with quiet_transformers():

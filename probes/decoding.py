@@ -64,14 +64,14 @@ def own_output(model, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> D
     stopped on."""
     with torch.no_grad(), decoder_inputs(model) as fed:
         generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                   return_dict_in_generate=True, output_scores=True, **_cache(model))
+                                   return_dict_in_generate=True, output_scores=True, **cache_for_generate(model))
     if not fed or not generated.scores:
         raise HeadscopeError(f"{type(model).__name__}.generate never called its decoder")
     produced = torch.stack([score.argmax(-1) for score in generated.scores], dim=1).to(fed[0].device)
     return Decoded(torch.cat([fed[0], produced], dim=1), fed[0].shape[1])
 
 
-def _cache(model) -> dict:
+def cache_for_generate(model) -> dict:
     """transformers 5 sizes an encoder-decoder's cache by the encoder's layer count (T5's ``num_layers``), which
     breaks decoding when the decoder has more layers; caches that grow as layers are met do not."""
     from transformers import DynamicCache, EncoderDecoderCache

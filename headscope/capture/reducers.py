@@ -58,7 +58,8 @@ class Chunk:
 
 
 class Reducer:
-    """Base class: a statistic per (layer, head) per stack, as ``sums / counts``.
+    """Base class: a statistic per (layer, head) per stack, as ``sums / counts`` (reducers that keep records
+    instead derive from :class:`Recorder`).
 
     Subclasses implement :meth:`update` (add one chunk's contribution through :meth:`add`). ``stacks``
     limits the reducer to some attention stacks (all by default).
@@ -124,6 +125,24 @@ class Reducer:
             sums, counts = sums.double().cpu(), self.counts[stack].double().cpu()
             out[stack] = torch.where(counts > 0, sums / counts.clamp_min(1e-300), torch.nan).numpy()
         return out
+
+
+class Recorder(Reducer):
+    """Base of reducers that keep records (per call, site and head) rather than sums: :class:`ArgmaxKey`,
+    :class:`LastRow`, :class:`FullMaps`. Records are not added: :meth:`merge` and :meth:`all_reduce` refuse, and
+    ``torch.distributed`` runs gather them (:func:`headscope.distributed.gather_objects`) instead."""
+
+    def add(self, site: Site, per_head: torch.Tensor, count: torch.Tensor | float) -> None:
+        raise TypeError(f"{type(self).__name__} keeps records, not sums")
+
+    def merge(self, other: Reducer) -> Reducer:
+        raise TypeError(f"{type(self).__name__} keeps records, not sums: gather them instead of merging")
+
+    def all_reduce(self) -> None:
+        raise TypeError(f"{type(self).__name__} keeps records, not sums: gather it with gather_objects")
+
+    def result(self) -> dict:
+        raise NotImplementedError
 
 
 def _valid_queries(chunk: Chunk) -> torch.Tensor:
@@ -251,7 +270,7 @@ class OffsetMass(Reducer):
         self.add(chunk.site, torch.einsum("bhc,bc->h", mass, weight), weight.sum())
 
 
-class ArgmaxKey(Reducer):
+class ArgmaxKey(Recorder):
     """Per query, the key each head attends to most and its probability.
 
     Keeps, per call and site, ``(B, H, queries)`` argmax indices and probabilities (O(T) per head, never
@@ -283,7 +302,7 @@ class ArgmaxKey(Reducer):
         return dict(self.records)
 
 
-class LastRow(Reducer):
+class LastRow(Recorder):
     """The last query's attention row per head and call: (B, H, keys), e.g. the current decode step.
 
     With ``callback(site, call, row)`` each row is handed over at once and nothing is kept.
@@ -314,7 +333,7 @@ class LastRow(Reducer):
         return dict(self.rows)
 
 
-class FullMaps(Reducer):
+class FullMaps(Recorder):
     """Full (B, queries, keys) attention maps for the named heads only, within a memory budget.
 
     ``heads`` lists ``(stack, layer, head)``. The request is refused, before anything is stored, when the
