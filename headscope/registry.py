@@ -78,9 +78,7 @@ class Analysis:
                 raise HeadscopeError(f"analysis {self.name} takes no parameters; got {', '.join(given)}")
             return dict(given or {})
         try:
-            if issubclass(self.params, Parameters):
-                return self.params.read(given, seed=seed)
-            return read_scalars(self.name, self.params, dict(given or {}))
+            return self.params.read(given, seed=seed)
         except HeadscopeError as error:  # say whose parameter it is, if the message does not
             raise HeadscopeError(str(error) if self.name in str(error) else f"{self.name}: {error}") from None
 
@@ -122,6 +120,9 @@ def register(
     ``exports(result, folder)``, when given, writes the result in the formats of the research code people
     already use into ``folder`` and returns the paths; ``headscope analyze`` moves them into ``OUT/exports``.
     """
+
+    if params is not None and not (isinstance(params, type) and issubclass(params, Parameters)):
+        raise TypeError(f"analysis {name}: params must be a dataclass deriving from headscope.Parameters")
 
     def decorate(run: Callable[[Context], AnalysisResult]) -> Callable[[Context], AnalysisResult]:
         _REGISTRY[name] = Analysis(name=name, kinds=kinds, description=description, run=run, figures=figures,
@@ -300,20 +301,6 @@ def parameter_docs(cls: type) -> dict[str, str]:
             for name in names:
                 docs[name] += " " + line.strip()
     return docs
-
-
-def read_scalars(analysis: str, params_class: type, given: dict[str, Any], **fixed: Any) -> Any:
-    """``params_class`` (a dataclass of bool, int, float and str fields) with ``given``'s values read by
-    :func:`convert` and ``fixed`` set as they are; for parameters that do not derive from :class:`Parameters`."""
-    check_names(analysis, params_class, given)
-    hints = get_type_hints(params_class)
-    values = dict(fixed)
-    for name, value in given.items():
-        try:
-            values[name] = convert(value, hints[name])
-        except (TypeError, ValueError):
-            raise HeadscopeError(f"{analysis}.{name} takes {type_words(hints[name])}, not {value!r}") from None
-    return params_class(**values)
 
 
 def list_analyses() -> list[str]:
