@@ -90,6 +90,10 @@ class Params(Parameters):
         max_new_tokens: length of that own output.
         memory_gib: the most a batched pass's logits may take, in GiB (refused up front beyond it).
         seed: the random pruning orders' seed (default: the run's ``--seed``).
+        layers: ablate only the heads of these layers (default: every layer); the other heads' ablation values
+            are left out (NaN). The gradient proxies and the pruning curve still cover every head.
+        heads: ablate only these heads, each ``layer.head`` (``--set importance.heads=3.1,5.0``); not together
+            with ``layers``.
     """
 
     analysis = "importance"
@@ -110,6 +114,8 @@ class Params(Parameters):
     max_new_tokens: int = 48
     memory_gib: float = 4.0
     seed: int = 0
+    layers: tuple[int, ...] = ()
+    heads: tuple[str, ...] = ()
 
     def check(self) -> None:
         params = self
@@ -124,12 +130,35 @@ class Params(Parameters):
         if unknown_kinds or not params.kinds:
             raise HeadscopeError(f"importance.ablations takes a comma-separated list of {', '.join(ABLATIONS)}; "
                                  f"got {params.ablations!r}")
+        if params.layers and params.heads:
+            raise HeadscopeError("importance takes layers or heads, not both: name the heads of those layers in "
+                                 "importance.heads instead")
+        malformed = [name for name in params.heads if not re.fullmatch(r"\d+\.\d+", name.strip())]
+        if malformed or any(layer < 0 for layer in params.layers):
+            raise HeadscopeError(f"importance.heads takes layer.head pairs such as 3.1 and importance.layers "
+                                 f"layer numbers from 0; got {', '.join(malformed) or params.layers}")
         if bool(params.answer) != bool(params.wrong):
             raise HeadscopeError("the task metric needs both importance.answer and importance.wrong")
 
     @property
     def kinds(self) -> tuple[str, ...]:
         return tuple(kind.strip() for kind in self.ablations.split(",") if kind.strip())
+
+    def selected(self, scope: Scope, stacks: Sequence[str]) -> list[tuple[Site, int]] | None:
+        """The (site, head) pairs ``layers`` or ``heads`` name, in running order (None: every head); a layer or
+        head past the model's is refused."""
+        if not self.layers and not self.heads:
+            return None
+        named = {tuple(int(part) for part in name.split(".")) for name in self.heads}
+        for stack in stacks:
+            shape = scope.stacks[stack]
+            past = [f"{layer}" for layer in self.layers if layer >= shape.layers]
+            past += [f"{layer}.{head}" for layer, head in named if layer >= shape.layers or head >= shape.heads]
+            if past:
+                raise HeadscopeError(f"importance: {', '.join(past)} is past the {stack} stack's {shape.layers} "
+                                     f"layers x {shape.heads} heads")
+        return [(site, head) for site, head in heads(scope, stacks)
+                if site.layer in self.layers or (site.layer, head) in named]
 
 
 def _figures(result: AnalysisResult) -> dict[str, go.Figure]:
@@ -160,6 +189,10 @@ def run(context: Context) -> AnalysisResult:
     goal = objective(context.loaded, scope, probe, params)
     stacks = scored_stacks(scope)
     check_memory(model, goal, params)
+    chosen = params.selected(scope, stacks)
+    if chosen is not None and not goal.gradient:
+        raise HeadscopeError(f"importance.layers and importance.heads need a gradient to rank every head for the "
+                             f"pruning curve, and {goal.description} has none: leave them out")
 
     clean = float(evaluate(model, scope, goal)[0])
     result = AnalysisResult(name="importance", params={**params.__dict__, "objective": goal.description,
@@ -173,7 +206,8 @@ def run(context: Context) -> AnalysisResult:
                     normalise(values, params.min_max), stack,
                     NORMALISED.format(DESCRIPTIONS[metric], ", then min-max over all heads" if params.min_max else "")))
     for kind in params.kinds:
-        found = ablation_importance(model, scope, goal, kind, stacks, params.batch_size, params.prefix_reuse)
+        found = ablation_importance(model, scope, goal, kind, stacks, params.batch_size, params.prefix_reuse,
+                                    chosen)
         for stack, values in found.items():
             description = DESCRIPTIONS[f"ablation_{kind}"].format(goal.name, goal.name)
             result.add_map(f"ablation_{kind}", HeadMap(values - clean, stack, description, signed=True))
@@ -511,19 +545,21 @@ def _row_gates(kind: Ablation, rows: dict[str, torch.Tensor], means: dict[str, t
 
 def ablation_importance(model: torch.nn.Module, scope: Scope, goal: Objective | dict[str, torch.Tensor],
                         kind: Ablation, stacks: Sequence[str] = ("self",), batch_size: int = 16,
-                        prefix_reuse: bool = True) -> dict[str, np.ndarray] | np.ndarray:
+                        prefix_reuse: bool = True, chosen: Sequence[tuple[Site, int]] | None = None
+                        ) -> dict[str, np.ndarray] | np.ndarray:
     """Per stack, the (layers, heads) objective with each head ablated alone (not minus the clean value).
 
     One forward pass carries up to ``batch_size`` single-head ablations (heads in the model's running order),
     one per row of the repeated probe, each row with its own gate row (batch, layers, heads). With
-    ``prefix_reuse``, the layers before the pass's first ablated layer run once at batch 1. Given plain
-    decoder ``inputs`` instead of an objective, returns the ``self`` stack's array alone.
+    ``prefix_reuse``, the layers before the pass's first ablated layer run once at batch 1. ``chosen`` (site,
+    head) pairs limit the ablations to those heads (NaN elsewhere). Given plain decoder ``inputs`` instead of an
+    objective, returns the ``self`` stack's array alone.
     """
     plain = isinstance(goal, dict)
     goal = next_token_loss(goal) if plain else goal
     means = head_means(model, scope, goal, stacks) if kind == "mean" else None
-    every = heads(scope, stacks)
-    out = {stack: np.empty((scope.stacks[stack].layers, scope.stacks[stack].heads)) for stack in stacks}
+    every = heads(scope, stacks) if chosen is None else list(chosen)
+    out = {stack: np.full((scope.stacks[stack].layers, scope.stacks[stack].heads), np.nan) for stack in stacks}
     found = []
     share = distributed.split(range(0, len(every), batch_size))  # under torchrun, a share of the passes each
     for start in progress.steps(share, f"importance: {kind} ablation passes"):
@@ -646,7 +682,9 @@ def _summary(result: AnalysisResult, curve: pd.DataFrame, clean: float, goal: Ob
     compared = [m for m in ("gradient_per_token", "gradient_per_batch") if goal.gradient]
     compared += [f"ablation_{kind}" for kind in params.kinds[1:]]
     for metric in compared:
-        rho = spearmanr(flat(metric), np.abs(flat(reference)) if metric.startswith("gradient") else flat(reference))
+        ablated = np.isfinite(flat(reference))  # every head, or those importance.layers / heads chose
+        rho = spearmanr(flat(metric)[ablated], (np.abs(flat(reference)) if metric.startswith("gradient")
+                                                else flat(reference))[ablated])
         summary[f"spearman_{metric}_vs_{reference}"] = float(rho.statistic)
     summary["prunable_fraction"] = prunable_fraction(curve, clean, params.tolerance, goal.loss)
     ranked = (["gradient_per_token"] if goal.gradient else []) + [f"ablation_{kind}" for kind in params.kinds]

@@ -82,12 +82,15 @@ class Params(Parameters):
         length: tokens in each half of the repeated random-token probe.
         samples: repeated random-token sequences averaged.
         clusters: the most head types tried when clustering the heads.
+        seed: the random tokens of the repeated probe and the clustering's initialisations (the run's ``--seed``
+            unless set).
     """
 
     analysis = "patterns"
     length: int = repeated_probe.DEFAULT_LENGTH
     samples: int = repeated_probe.DEFAULT_SAMPLES
     clusters: int = MAX_CLUSTERS
+    seed: int = 0
 
     def check(self) -> None:
         if self.length < 2 or self.samples < 1 or self.clusters < 1:
@@ -100,12 +103,12 @@ class Params(Parameters):
           figures=lambda result: figures(result))
 def run(context: Context) -> AnalysisResult:
     started = time.perf_counter()
-    params = Params.read(context.params)
+    params = Params.read(context.params, context.seed)
     model, processor, info = context.loaded
     tokenizer = getattr(processor, "tokenizer", processor)
     stack = _text_stack(context)
     vocab = getattr(model.config.get_text_config(), "vocab_size", None)
-    probe = repeated_probe.build(tokenizer, params.length, params.samples, context.seed, info.max_tokens, vocab)
+    probe = repeated_probe.build(tokenizer, params.length, params.samples, params.seed, info.max_tokens, vocab)
     causal = info.kind == "decoder"
     offsets = DECODER_OFFSETS if causal else ENCODER_OFFSETS
 
@@ -115,13 +118,13 @@ def run(context: Context) -> AnalysisResult:
 
     result = AnalysisResult(name="patterns", params={
         "length": probe.length, "samples": int(probe.input_ids.shape[0]), "clusters": params.clusters,
-        "seed": context.seed, "stack": stack, "offsets": list(offsets), "gallery_min_weight": GALLERY_MIN_WEIGHT})
+        "seed": params.seed, "stack": stack, "offsets": list(offsets), "gallery_min_weight": GALLERY_MIN_WEIGHT})
     for metric in (*KINDS, "entropy", "mean_distance"):
         values = scores[metric] if metric in scores else prose_features[metric]
         result.add_map(metric, HeadMap(values=values, stack=stack, description=DESCRIPTIONS[metric],
                                        unit=UNITS.get(metric, "")))
 
-    taxonomy = _add_taxonomy(result, {**scores, **prose_features}, stack, context.seed, params.clusters)
+    taxonomy = _add_taxonomy(result, {**scores, **prose_features}, stack, params.seed, params.clusters)
     top = {kind: result.top_heads(kind, k=1, stack=stack)[0][:2] for kind in KINDS}
     gallery, tokens = gallery_maps(context, probe, stack, top)
     result.tables["gallery"] = gallery

@@ -43,7 +43,8 @@ import torch
 
 from headscope import distributed
 from headscope.analyses import sinks_vlm
-from headscope.capture.reducers import Entropy, FilteredEntropy, KeyMass, KeyReceived, Reducer, ResidualMass, SinkMass
+from headscope.analyses.sink_reducers import FilteredEntropy, KeyReceived, ResidualMass, SinkMass
+from headscope.capture.reducers import Entropy, KeyMass, Reducer
 from headscope.errors import HeadscopeError
 from headscope.probes import audio as probe_audio
 from headscope.probes import decoding

@@ -137,7 +137,7 @@ def all_reduce_reducers(reducers: Iterable[Reducer]) -> None:
     totals, as if one process had seen every example.
 
     Processes may hold different entries (a stack or layer one process never saw, a process with no examples
-    at all) and, for :class:`~headscope.capture.reducers.KeyReceived`, different numbers of positions: missing
+    at all) and, for :class:`~headscope.analyses.sink_reducers.KeyReceived`, different numbers of positions: missing
     entries count as zeros and the position axis widens to the longest. Everything travels as one float64
     buffer (on the current CUDA device under NCCL). Reducers that keep records rather than sums
     (``ArgmaxKey``, ``LastRow``, ``FullMaps``) cannot be added: gather them with :func:`gather_objects`.

@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib.metadata
 import inspect
 import json
+import os
+import tempfile
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -301,6 +303,26 @@ def parameter_docs(cls: type) -> dict[str, str]:
             for name in names:
                 docs[name] += " " + line.strip()
     return docs
+
+
+def export(result: AnalysisResult, folder: str | Path) -> list[Path]:
+    """Write ``result``'s exports (its analysis's ``exports`` hook: ``head_importance.npy``, Retrieval_Head's
+    JSON file, ...) into ``folder`` and return their paths. Each is written in a temporary folder beside them,
+    then moved into place, so a failing export leaves no partial file. An analysis without exports, or a
+    result that did not finish, raises :class:`HeadscopeError`."""
+    analysis = get(result.name)
+    if analysis.exports is None:
+        raise HeadscopeError(f"analysis {result.name!r} has no exports; save the whole result with .save(path)")
+    if result.status != "ok":
+        raise HeadscopeError(f"analysis {result.name!r} did not finish ({result.status}): nothing to export")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".tmp-") as scratch:
+        for path in analysis.exports(result, Path(scratch)):
+            os.replace(path, folder / path.name)
+            written.append(folder / path.name)
+    return written
 
 
 def list_analyses() -> list[str]:

@@ -154,17 +154,21 @@ class HeadMap:
         same_fields = fields == (other.stack, other.description, other.signed, other.unit, other.notable)
         return same_fields and np.array_equal(self.values, other.values, equal_nan=True)
 
-    def top(self, k: int = 5) -> list[tuple[int, int, float]]:
+    def top(self, k: int = 5, notable: Notable | None = None) -> list[tuple[int, int, float]]:
         """The ``k`` most notable heads (see ``notable``) as (layer, head, value), most notable first; NaN values are
-        skipped and equal values keep (layer, head) order. ``ValueError`` for a map of labels."""
+        skipped and equal values keep (layer, head) order. ``notable`` overrides the map's own (``"low"`` lists the
+        heads that most lower a task metric, say). ``ValueError`` for a map of labels."""
         if k < 0:
             raise ValueError(f"k must be 0 or more; got {k}")
         if self.notable == "label":
             raise ValueError(f"map {self.metric or self.stack!r} holds labels (categories), not scores: "
                              "no head ranks above another")
+        notable = self.notable if notable is None else notable
+        if notable not in ("high", "low", "magnitude"):
+            raise ValueError(f"notable must be one of high, low, magnitude; got {notable!r}")
         flat = self.values.ravel()
         measured = np.flatnonzero(~np.isnan(flat))
-        key = {"high": -flat, "low": flat, "magnitude": -np.abs(flat)}[self.notable][measured]
+        key = {"high": -flat, "low": flat, "magnitude": -np.abs(flat)}[notable][measured]
         best = measured[np.argsort(key, kind="stable")][:k]
         heads = self.values.shape[1]
         return [(int(i // heads), int(i % heads), float(flat[i])) for i in best]
@@ -266,16 +270,17 @@ class AnalysisResult:
             )
         return self.maps[(metric, stack)]
 
-    def top_heads(self, metric: str | None = None, k: int = 5, stack: Stack | None = None
-                  ) -> list[tuple[int, int, float]]:
+    def top_heads(self, metric: str | None = None, k: int = 5, stack: Stack | None = None,
+                  notable: Notable | None = None) -> list[tuple[int, int, float]]:
         """The ``k`` most notable heads of map ``metric`` as (layer, head, value), most notable first: the highest
         values, the lowest or the largest magnitude, as the map says (:attr:`HeadMap.notable`).
 
         The map is found with :meth:`map`: ``stack`` may be left out when ``metric`` exists for one stack only, and
         ``metric`` when the result has one metric, or names its main one (``summary["main_metric"]``). NaN values
-        are skipped; equal values keep (layer, head) order; a map of labels raises ``ValueError``.
+        are skipped; equal values keep (layer, head) order; a map of labels raises ``ValueError``. ``notable``
+        (``"high"``, ``"low"``, ``"magnitude"``) ranks another end than the map's own.
         """
-        return self.map(self._metric(metric), stack).top(k)
+        return self.map(self._metric(metric), stack).top(k, notable)
 
     def _metric(self, metric: str | None) -> str:
         if metric is not None:
@@ -314,6 +319,14 @@ class AnalysisResult:
         """Write this result alone as a ``results.json`` (:meth:`Results.save`); ``Results.load(path)[name]`` reads
         it back."""
         return Results({self.name: self}).save(path)
+
+    def export(self, folder: str | os.PathLike[str]) -> list[Path]:
+        """Write this analysis's export files into ``folder`` (the files ``headscope analyze`` puts in
+        ``exports/``: ``head_importance.npy`` for importance, Retrieval_Head's JSON for retrieval, ...) and return
+        their paths. Works on a loaded result; an analysis with no exports raises ``HeadscopeError``."""
+        from headscope import registry
+
+        return registry.export(self, folder)
 
 
 class Summary(dict):

@@ -23,7 +23,7 @@ from typing import Any
 import plotly.graph_objects as go
 import torch
 
-from headscope import distributed, figures, plotting, report, views
+from headscope import distributed, figures, plotting, registry, report, views
 from headscope._version import __version__
 from headscope.capture.engine import Scope
 from headscope.errors import HeadscopeError
@@ -177,21 +177,13 @@ def write_exports(results: Results, out: Path, notes: list[str] | None = None) -
     folder, then moved into place file by file. A failing export becomes a note and costs nothing else."""
     written: list[Path] = []
     for name, result in results.items():
-        analysis = get(name)
-        if result.status != "ok" or analysis.exports is None:
+        if result.status != "ok" or get(name).exports is None:
             continue
-        folder = out / "exports"
-        folder.mkdir(exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder, prefix=".tmp-") as scratch:
-            try:
-                made = analysis.exports(result, Path(scratch))
-            except Exception as error:  # an export must not cost the results or the other exports
-                if notes is not None:
-                    notes.append(f"exports of {name} failed: {type(error).__name__}: {error}".splitlines()[0])
-                continue
-            for path in made:
-                os.replace(path, folder / path.name)
-                written.append(folder / path.name)
+        try:
+            written += registry.export(result, out / "exports")
+        except Exception as error:  # an export must not cost the results or the other exports
+            if notes is not None:
+                notes.append(f"exports of {name} failed: {type(error).__name__}: {error}".splitlines()[0])
     return written
 
 

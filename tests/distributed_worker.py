@@ -14,7 +14,8 @@ import sys
 import torch
 
 from headscope import distributed
-from headscope.capture.reducers import ArgmaxKey, KeyReceived, Reducer
+from headscope.analyses.sink_reducers import KeyReceived
+from headscope.capture.reducers import ArgmaxKey, Reducer
 
 
 def check_split_and_gather(rank: int, world: int) -> None:

@@ -114,6 +114,10 @@ def test_top_heads_ranks_the_notable_end_and_never_ranks_labels() -> None:
     assert result.top_heads(k=2) == [(1, 0, 23.4), (0, 1, -3.85)]  # the main metric when none is named
     assert result.top_heads("entropy", k=2) == [(0, 1, -3.85), (1, 2, -0.2)]
     assert HeadMap(values, "self").top(1) == [(1, 0, 23.4)]
+    assert result.top_heads(k=1, notable="low") == [(0, 1, -3.85)]  # the head that most lowers a task metric
+    assert result.top_heads("entropy", k=1, notable="high") == [(1, 0, 23.4)]
+    with pytest.raises(ValueError, match="notable must be one of high, low, magnitude; got 'label'"):
+        result.top_heads(notable="label")
     with pytest.raises(ValueError, match="holds labels"):
         result.top_heads("cluster")
     with pytest.raises(ValueError, match="notable must be one of"):

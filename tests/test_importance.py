@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import time
 from pathlib import Path
 
@@ -19,11 +20,13 @@ import tiny_models as tm
 import torch
 from cli_runner import run_cli
 
+import headscope
 from headscope.analyses import importance
 from headscope.capture.engine import Scope
 from headscope.capture.gates import Gates
+from headscope.errors import HeadscopeError
 from headscope.models import zoo
-from headscope.results import Results
+from headscope.results import AnalysisResult, Results
 from headscope.runner import RunOptions, analyze
 
 LAYERS, HEADS, HEAD_DIM = 2, 4, 8
@@ -399,6 +402,36 @@ def test_cli_task_metric_and_bad_parameters(tmp_path: Path, tiny_llama_dir: Path
         assert code == 2, settings
         error = capsys.readouterr().err.strip()
         assert len(error.splitlines()) == 1 and expected in error, error
+
+
+def test_layers_and_heads_limit_the_ablations_to_the_heads_they_name(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    common = {"probe_tokens": 12, "ablations": "zero", "random_orders": 1, "progress": False}
+    every = headscope.run("importance", str(tiny_llama_dir), **common)
+    layer = headscope.run("importance", str(tiny_llama_dir), layers=[1], **common)
+    pair = headscope.run("importance", str(tiny_llama_dir), heads="0.1,1.3", **common)
+
+    full = every.map("ablation_zero").values
+    assert np.isnan(layer.map("ablation_zero").values[0]).all()
+    np.testing.assert_array_equal(layer.map("ablation_zero").values[1], full[1])  # the same passes, same rows
+    finite = np.isfinite(pair.map("ablation_zero").values)
+    assert sorted(zip(*finite.nonzero(), strict=True)) == [(0, 1), (1, 3)]
+    np.testing.assert_array_equal(pair.map("ablation_zero").values[finite], full[finite])
+    np.testing.assert_array_equal(layer.map("gradient_per_token").values, every.map("gradient_per_token").values)
+    assert len(layer.tables["pruning"]) == len(every.tables["pruning"])  # pruning still ranks every head
+    assert layer.top_heads("ablation_zero", k=9)[0][0] == 1  # the NaN heads are never listed
+    (written,) = layer.export(tmp_path)  # the front door to run_bertology's file
+    assert written == tmp_path / "head_importance.npy"
+    expected = layer.map("gradient_per_token_normalised").values.astype(np.float32)
+    np.testing.assert_array_equal(np.load(written), expected)
+    with pytest.raises(HeadscopeError, match="has no exports; save the whole result"):
+        AnalysisResult("sinks").export(tmp_path)
+
+    for settings, expected in [({"layers": [2]}, "2 is past the self stack's 2 layers x 4 heads"),
+                               ({"heads": "1.4"}, "1.4 is past"),
+                               ({"heads": "1-2"}, "layer.head pairs such as 3.1"),
+                               ({"layers": [0], "heads": "1.1"}, "layers or heads, not both")]:
+        with pytest.raises(HeadscopeError, match=re.escape(expected)):
+            headscope.run("importance", str(tiny_llama_dir), **common, **settings)
 
 
 # --- the packaged model ------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ CORE = [*sorted((ROOT / "headscope" / "capture").glob("*.py")), *sorted((ROOT / 
         ROOT / "headscope" / "results.py", ROOT / "headscope" / "plotting.py", ROOT / "headscope" / "errors.py",
         ROOT / "headscope" / "progress.py"]
 ANALYSES = sorted(p for p in (ROOT / "analyses").glob("*.py") if p.name != "__init__.py")
-PARTS = {"sinks": {"sinks_vlm"}}  # sinks_vlm is the vision-language half of the sinks analysis, not an analysis
+PARTS = {"sinks": {"sinks_vlm", "sink_reducers"}}  # the vision-language half and the reducers of sinks
 
 
 def imported(path: Path) -> set[str]:

@@ -20,16 +20,9 @@ from conftest import BOS, EOS, PAD, save_tiny
 
 import headscope
 from headscope.analyses import sinks
+from headscope.analyses.sink_reducers import FilteredEntropy, KeyReceived, ResidualMass, SinkMass, renormalised
 from headscope.capture.engine import Scope
-from headscope.capture.reducers import (
-    Entropy,
-    FilteredEntropy,
-    KeyMass,
-    KeyReceived,
-    ResidualMass,
-    SinkMass,
-    renormalised,
-)
+from headscope.capture.reducers import Entropy, KeyMass
 from headscope.models import zoo
 from headscope.probes import decoding
 from headscope.probes import inputs as probe_inputs
