@@ -178,7 +178,9 @@ def _exports(result: AnalysisResult, folder: Path) -> list[Path]:
 
 @register("importance", kinds=("decoder", "encoder", "encoder-decoder"), params=Params,
           description="head importance: gradient proxies (Michel et al.), zero/mean/uniform ablations, pruning curve",
-          figures=_figures, default=False, exports=_exports)  # hundreds of forward passes: run it by name
+          # hundreds of forward passes: run it by name
+          figures=_figures, default=False, exports=_exports,
+          cost="about 3 min on smollm2-135m, 1 min 10 s on whisper-tiny.en (2 CPU cores)")
 def run(context: Context) -> AnalysisResult:
     started = time.perf_counter()
     params = Params.read(context.params, context.seed)

@@ -116,7 +116,8 @@ def _exports(result: AnalysisResult, folder: Path) -> list[Path]:
 @register("retrieval", kinds=("decoder",), params=Params, main_metric="retrieval_score",
           description="retrieval heads: copy-paste scores while decoding needles out of haystacks (Wu et al. 2024), "
                       "needle accuracy by length and depth, causal check by masking heads",
-          figures=_figures, exports=_exports, default=False)  # minutes of decoding: run it by name
+          figures=_figures, exports=_exports, default=False,
+          cost="about 1 min 30 s on smollm2-135m (2 CPU cores)")  # minutes of decoding: run it by name
 def run(context: Context) -> AnalysisResult:
     started = time.perf_counter()
     params = Params.read(context.params, context.seed)

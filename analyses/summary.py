@@ -46,7 +46,8 @@ class Params(Parameters):
 
 
 @register("summary", kinds=("decoder", "encoder", "encoder-decoder"), params=Params, main_metric="first_token_mass",
-          description="per-head attention mass on the first token and entropy, in one pass")
+          description="per-head attention mass on the first token and entropy, in one pass",
+          cost="about 3 s on smollm2-135m, 1 s on whisper-tiny.en (2 CPU cores)")
 def run(context: Context) -> AnalysisResult:
     started = time.perf_counter()
     params = Params.read(context.params)

@@ -200,9 +200,13 @@ class Patterns:
         held = self.heads(stack)
         layers = sorted({layer for layer, _ in held})
         columns = sorted({head for _, head in held})
-        figure = make_subplots(rows=len(layers), cols=len(columns), horizontal_spacing=0.01, vertical_spacing=0.01,
+        # a gap of a few pixels whatever the grid's size (plotly refuses gaps past 1 / (n - 1)), room for the titles
+        figure = make_subplots(rows=len(layers), cols=len(columns),
+                               horizontal_spacing=min(0.02, 0.2 / max(1, len(columns) - 1)),
+                               vertical_spacing=min(0.04, 0.3 / max(1, len(layers) - 1)),
                                subplot_titles=[f"{layer}.{head}" if (layer, head) in held else ""
                                                for layer in layers for head in columns])
+        figure.update_annotations(font_size=9)
         queries, keys = (_unique(labels) for labels in self.tokens[stack])
         for layer, head in held:
             trace = _heatmap(self.map(layer, head, stack), queries, keys)

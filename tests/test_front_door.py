@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import subprocess
@@ -158,6 +159,16 @@ def test_patterns_of_equal_eager_attention_with_readable_tokens(tiny_llama_dir: 
         patterns.map(0, 0)
 
 
+def test_the_grid_view_draws_deep_models_with_a_gap_between_heads() -> None:
+    """A grid of 120 layers x 16 heads (plotly refuses a fixed gap past 1 / (rows - 1)) keeps every head apart."""
+    tokens = ["a", "b", "c"]
+    maps = {("self", layer, head): np.eye(3, dtype=np.float32) for layer in range(120) for head in range(16)}
+    figure = headscope.Patterns(maps, {"self": (tokens, tokens)}, ["self"]).plot_grid()
+    assert len(figure.data) == 120 * 16
+    rows = sorted({tuple(figure.layout[name].domain) for name in figure.layout if name.startswith("yaxis")})
+    assert len(rows) == 120 and all(below[1] < above[0] for below, above in itertools.pairwise(rows))
+
+
 def test_patterns_of_an_encoder_decoder_hold_cross_attention(tiny_t5_dir: Path) -> None:
     model = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_t5_dir)
@@ -194,6 +205,27 @@ def test_headscope_analyses_lists_every_analysis_with_its_parameters() -> None:
             assert doc, f"{name}.{parameter} has no line in its Params docstring"
     one = cli("analyses", "sinks")
     assert "eps" in one.stdout and "retrieval" not in one.stdout
+
+
+def test_each_analysis_states_the_cost_its_benchmark_measured() -> None:
+    """``headscope analyses`` and README quote ``benchmarks/results/costs-cpu.json``: each measured cell, none
+    missing, the same seconds (README rounds to whole seconds, the cost line to a few words)."""
+    measured = json.loads((REPO / "benchmarks" / "results" / "costs-cpu.json").read_text())["rows"]
+    assert {row["analysis"] for row in measured} == set(registry.list_analyses())
+    assert all(row["status"] == "ok" for row in measured)
+    readme = (REPO / "README.md").read_text().splitlines()
+    header = next(line for line in readme if line.startswith("| analysis | smollm2-135m"))
+    models = [cell.strip() for cell in header.strip("|").split("|")][1:]
+    table = {}
+    for line in readme[readme.index(header) + 2:]:
+        if not line.startswith("|"):
+            break
+        name, *cells = (cell.strip() for cell in line.strip("|").split("|"))
+        table[name.split()[0]] = dict(zip(models, cells, strict=True))
+    for row in measured:
+        assert table[row["analysis"]][row["model"]] == f"{row['seconds']:.0f}", row
+        assert row["model"] in registry.get(row["analysis"]).cost, row
+    assert sum(cell != "" for cells in table.values() for cell in cells.values()) == len(measured)
 
 
 EXTENDING = REPO / "docs" / "extending.md"
