@@ -50,7 +50,7 @@ import pandas as pd
 
 from headscope.errors import HeadscopeError
 
-StackKind = Literal["self", "cross", "encoder", "decoder", "vision"]
+StackKind = Literal["self", "cross", "encoder", "decoder", "vision", "audio"]
 Stack: TypeAlias = str
 """An attention stack's name: a base name from :data:`STACKS`, alone (``"decoder"``) or numbered when a model
 has a second stack of the same kind (``"self:1"``, ``"self:2"``, as the capture adapter names them)."""

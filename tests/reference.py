@@ -60,9 +60,17 @@ Call = list[LayerAttention]
 
 
 def eager_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` that runs transformers' eager attention everywhere."""
+    """A deep copy of ``model`` that runs transformers' eager attention everywhere (a model whose attention predates
+    transformers' interface, such as Falcon, reads the implementation from its configs at each call)."""
+    from transformers import PreTrainedModel
+
     eager = copy.deepcopy(model)
-    eager.set_attn_implementation("eager")
+    if eager._can_set_attn_implementation():
+        eager.set_attn_implementation("eager")
+    else:
+        for module in eager.modules():
+            if isinstance(module, PreTrainedModel):
+                module.config._attn_implementation_internal = "eager"
     return eager
 
 
@@ -217,7 +225,9 @@ def _forward_attention(eager: nn.Module, kind: str, inputs: dict) -> dict[str, C
         mask = inputs.get("attention_mask")
         if mask is None:
             mask = torch.ones(first_input.shape[0], out.attentions[0].shape[-1], dtype=torch.long)
-        stacks = {"self": make_call(out.attentions, mask, mask)}
+        # a hybrid model lists its attention layers alone (or None for the others)
+        maps = [m for m in out.attentions if m is not None and m.shape[-2] == mask.shape[1]]
+        stacks = {"self": make_call(maps, mask, mask)}
         if kind == "vlm":
             with torch.no_grad():
                 vision = eager.model.vision_tower(inputs["pixel_values"], output_attentions=True)

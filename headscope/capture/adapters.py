@@ -8,6 +8,8 @@ Rows in the small tables below name the few per-architecture spellings.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
 from dataclasses import dataclass, field
 
@@ -17,21 +19,42 @@ from torch import nn
 from headscope.errors import UnsupportedModelError
 
 # Names of the query projection that mark a module as an attention module.
-QUERY_PROJECTIONS = ("q_proj", "query", "q", "c_attn", "qkv_proj", "qkv", "Wqkv", "q_attn", "query_key_value")
+# (``q_a_proj``: multi-head latent attention's compressed query, DeepSeek-V2/V3.)
+QUERY_PROJECTIONS = ("q_proj", "query", "q", "c_attn", "qkv_proj", "qkv", "Wqkv", "q_attn", "query_key_value", "q_lin",
+                     "Wq", "query_proj", "in_proj", "q_a_proj")
 # Names of the output projection, first on the attention module itself, then on its parent's `output`.
-OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "c_proj", "dense", "o", "proj", "wo")
-HEAD_DIM_ATTRIBUTES = ("head_dim", "attention_head_size", "head_size", "key_value_proj_dim")
+OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "c_proj", "dense", "o", "proj", "wo", "Wo", "out_lin")
+# The size of one head's output z (its value head: latent attention's query and key heads are wider).
+HEAD_DIM_ATTRIBUTES = ("v_head_dim", "head_dim", "attention_head_size", "head_size", "key_value_proj_dim")
 # Path fragments that name a stack: checked in order, first match wins.
 STACK_RULES: tuple[tuple[str, str], ...] = (
     ("encoder_attn", "cross"),
+    ("cross_attention", "cross"),
     ("crossattention", "cross"),
     ("cross_attn", "cross"),
     ("encdecattention", "cross"),
+    ("audio", "audio"),
     ("vision", "vision"),
     ("visual", "vision"),
     ("image", "vision"),
 )
-STACK_ORDER = ("self", "encoder", "decoder", "cross", "vision")
+# Path fragments of a multimodal model's language model: its stack keeps the plain name.
+LANGUAGE_MODEL = ("language_model", "text_model")
+STACK_ORDER = ("self", "encoder", "decoder", "cross", "vision", "audio")
+# What an attention module's forward names when it dispatches through transformers' AttentionInterface.
+INTERFACE_MARKERS = ("ALL_ATTENTION_FUNCTIONS", "attention_interface", "AttentionInterface")
+# Model types whose layers share one attention module (ALBERT): the config attributes that give how many layers
+# there are and how many groups of modules they cycle through; each use of a module is a layer of its own.
+SHARED_LAYERS = {"albert": ("num_hidden_layers", "num_hidden_groups")}
+# Model types headscope cannot capture exactly, and why: what the generic rules would get wrong.
+REFUSED = {
+    "prophetnet": "its decoder attends in n-gram streams (a main stream and predicting streams in one softmax), "
+                  "whose maps are not one row per token",
+    "xlm-prophetnet": "its decoder attends in n-gram streams (a main stream and predicting streams in one softmax), "
+                      "whose maps are not one row per token",
+    "t5gemma2": "its decoder attends to itself and to the encoder in one softmax (merged self- and cross-attention), "
+                "which headscope's stacks cannot split",
+}
 # Config attributes naming the placeholder token a vision-language model replaces by image features.
 IMAGE_TOKEN_ATTRIBUTES = ("image_token_id", "image_token_index")
 
@@ -40,7 +63,10 @@ IMAGE_TOKEN_ATTRIBUTES = ("image_token_id", "image_token_index")
 class Site:
     """One attention module: where it is and what its heads are.
 
-    ``heads`` query heads share ``kv_heads`` key/value heads (grouped-query attention when fewer).
+    ``heads`` query heads share ``kv_heads`` key/value heads (grouped-query attention when fewer). ``kind`` is
+    ``"cross"`` for attention whose queries come from another stack (``queries_from``) than its keys, else
+    ``"self"``. A module that several layers share (ALBERT) is one site per use: ``use`` counts its calls in
+    one forward pass.
     """
 
     stack: str
@@ -51,6 +77,10 @@ class Site:
     heads: int
     kv_heads: int
     head_dim: int
+    kind: str = "self"
+    queries_from: str | None = None
+    use: int = 0
+    uses: int = 1
 
     @property
     def kv_head_of(self) -> list[int]:
@@ -91,12 +121,21 @@ class Adapter:
                 layers=max(s.layer for s in members) + 1,
                 heads=max(s.heads for s in members),
                 kv_heads=max(s.kv_heads for s in members),
-                kind="cross" if name == "cross" else "self",
+                kind=members[0].kind,
             )
         return out
 
-    def by_module(self) -> dict[int, Site]:
-        return {id(s.module): s for s in self.sites}
+    def by_module(self) -> dict[int, list[Site]]:
+        """Per attention module, its sites in the order of their use in a forward pass."""
+        out: dict[int, list[Site]] = {}
+        for site in sorted(self.sites, key=lambda s: s.use):
+            out.setdefault(id(site.module), []).append(site)
+        return out
+
+    @property
+    def shared(self) -> set[str]:
+        """The stacks whose attention modules several layers share."""
+        return {s.stack for s in self.sites if s.uses > 1}
 
     def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         """(batch, tokens) bool: where ``input_ids`` holds image tokens; None for a model without them."""
@@ -110,7 +149,15 @@ def _stack_rank(name: str) -> tuple[int, str]:
 
 def adapt(model: nn.Module) -> Adapter:
     """Find every attention site of ``model``; one clear error when there is none."""
-    found = [(name, module) for name, module in model.named_modules() if _is_attention(module)]
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in REFUSED:
+        raise UnsupportedModelError(f"headscope cannot capture {model_type} exactly: {REFUSED[model_type]}")
+    if any("BlockSparse" in type(m).__name__ for m in model.modules()):
+        raise UnsupportedModelError(
+            f"headscope cannot capture {model_type} with block-sparse attention exactly: it swaps its attention "
+            "modules while it runs and attends to blocks, not tokens; load it with attention_type='original_full'")
+    prefix = re.split(r"For[A-Z]|Model$", type(model).__name__)[0]
+    found = [(name, module) for name, module in model.named_modules() if _is_attention(module, prefix)]
     if not found:
         raise UnsupportedModelError(
             f"headscope found no attention modules in {type(model).__name__}: this architecture is not "
@@ -123,21 +170,47 @@ def adapt(model: nn.Module) -> Adapter:
         groups.setdefault(template, []).append((layer, name, module))
     names = _name_stacks(list(groups), encoder_decoder)
     parents = dict(model.named_modules())
+    uses = _uses(model, model_type)
     sites = []
     for template, members in groups.items():
+        stack = names[template]
+        kind = "cross" if stack.split(":")[0] == "cross" else "self"
         for layer, path, module in members:
             out_proj = _output_projection(path, module, parents)
             head_dim = _head_dim(module, out_proj)
             heads = _in_width(out_proj) // head_dim
             groups_per_kv = getattr(module, "num_key_value_groups", 1) or 1
-            sites.append(Site(stack=names[template], layer=layer, path=path, module=module, out_proj=out_proj,
-                              heads=heads, kv_heads=heads // groups_per_kv, head_dim=head_dim))
-    return Adapter(sites=sites, routes_through_interface=_routes_through_interface(model),
+            for use in range(uses):
+                sites.append(Site(stack=stack, layer=layer * uses + use, path=path, module=module, out_proj=out_proj,
+                                  heads=heads, kv_heads=heads // groups_per_kv, head_dim=head_dim, kind=kind,
+                                  queries_from="decoder" if kind == "cross" and encoder_decoder else None,
+                                  use=use, uses=uses))
+    return Adapter(sites=sites, routes_through_interface=_routes_through_interface(model, sites),
                    image_token_id=_image_token_id(model))
 
 
-def _is_attention(module: nn.Module) -> bool:
-    if "Attention" not in type(module).__name__:
+def _uses(model: nn.Module, model_type: str | None) -> int:
+    """How many layers use each attention module: 1, or for ALBERT-like sharing, layers / module groups."""
+    if model_type not in SHARED_LAYERS:
+        return 1
+    layers, groups = (getattr(model.config, name) for name in SHARED_LAYERS[model_type])
+    if layers % groups:
+        raise UnsupportedModelError(f"headscope cannot place {model_type}'s {layers} layers on its {groups} groups of "
+                                    "shared modules: the layers do not divide evenly")
+    return layers // groups
+
+
+# Class-name fragments of attention modules without a softmax over keys (linear attention, delta rules): a hybrid
+# model's other layers, not attention sites.
+NOT_SOFTMAX = ("LinearAttention", "DeltaAttention", "DeltaNet", "LightningAttention", "Retention")
+
+
+def _is_attention(module: nn.Module, prefix: str = "") -> bool:
+    """A softmax attention module: a class named *Attention* (after the model's own prefix, so that Kimi-Linear's
+    ``KimiLinearAttention`` is not taken for linear attention) that owns a query projection."""
+    name = type(module).__name__
+    name = name[len(prefix):] if prefix and name.startswith(prefix) else name
+    if "Attention" not in name or any(fragment in name for fragment in NOT_SOFTMAX):
         return False
     return any(isinstance(getattr(module, q, None), nn.Module) for q in QUERY_PROJECTIONS)
 
@@ -160,7 +233,8 @@ def _name_stacks(templates: list[str], encoder_decoder: bool) -> dict[str, str]:
             name = "decoder" if "decoder" in lowered else "encoder"
         names[template] = name or "self"
     taken: dict[str, int] = {}
-    for template in templates:  # two groups under one name get numbered: "self", "self:1"
+    # two groups under one name get numbered, "self", "self:1", the language model's first
+    for template in sorted(templates, key=lambda t: not any(part in t for part in LANGUAGE_MODEL)):
         base = names[template]
         count = taken.get(base, 0)
         taken[base] = count + 1
@@ -176,7 +250,7 @@ def _output_projection(path: str, module: nn.Module, modules: dict[str, nn.Modul
             return candidate
     parent = modules.get(path.rpartition(".")[0])
     output = getattr(parent, "output", None)
-    dense = getattr(output, "dense", None)
+    dense = output if isinstance(output, nn.Linear) else getattr(output, "dense", None)
     if isinstance(dense, nn.Module):
         return dense
     raise UnsupportedModelError(
@@ -219,9 +293,20 @@ def _image_token_id(model: nn.Module) -> int | None:
     return None
 
 
-def _routes_through_interface(model: nn.Module) -> bool:
-    """Whether every sub-model dispatches attention through transformers' ``AttentionInterface``."""
+def _routes_through_interface(model: nn.Module, sites: list[Site]) -> bool:
+    """Whether every sub-model, and every attention module, dispatches attention through transformers'
+    ``AttentionInterface`` (a model may mix modules that do with modules that compute attention themselves)."""
     from transformers import PreTrainedModel
 
     checks = [m._can_set_attn_implementation() for m in model.modules() if isinstance(m, PreTrainedModel)]
-    return bool(checks) and all(checks)
+    return bool(checks) and all(checks) and all(_calls_interface(type(s.module)) for s in sites)
+
+
+@functools.cache
+def _calls_interface(cls: type) -> bool:
+    """Whether an attention module's forward looks its attention function up in transformers' interface."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return True  # no source to read: the capture's own check (the interface was called) decides
+    return any(marker in source for marker in INTERFACE_MARKERS)

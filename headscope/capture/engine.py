@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,12 +34,18 @@ from headscope.capture.reducers import Chunk, Reducer
 from headscope.errors import HeadscopeError, NonFiniteError
 
 IMPLEMENTATION = "headscope"
+# The same attention with every causal mask built in full: for models whose own path is eager, whose masks are
+# never left out (a decoder self-attention may then be marked non-causal and rely on its mask alone).
+MASKED_IMPLEMENTATION = "headscope_masked"
 DEFAULT_BUDGET_BYTES = 256 * 2**20
 # On a CPU, chunks that stay near the caches run faster than large ones; an accelerator wants large ones.
 CPU_CHUNK_BYTES = 16 * 2**20
 # Per query row, the chunk holds about this many float32 copies of (heads x keys): logits, exp, probs.
 _COPIES_PER_ROW = 3
 _MIN_CHUNKS, _MIN_ROWS = 8, 64
+# An additive mask entry at or below this hides its key: exp of it is 0 in float32. Masks use the dtype's lowest
+# value, -inf, or (older models, MarkupLM) -10000.
+MASKED_BELOW = -5000.0
 
 # The active capture, process-wide: a forward run in another thread (a streamer's generate) is captured too.
 _ACTIVE: list[_Session] = []
@@ -56,18 +63,38 @@ class _Session:
     """What one ``Scope.capture`` is doing: its reducers, gates and per-call bookkeeping."""
 
     adapter: Adapter
-    sites: dict[int, Site]
+    sites: dict[int, list[Site]]
     reducers: list[Reducer]
     gates: list[Gates]
     chunk_size: int | None
     budget_bytes: int
     call: int = 0
+    # The masked implementation (a model whose own path is eager): no mask means no mask, never "causal".
+    masked: bool = False
     validity_cache: dict[tuple, tuple[torch.Tensor | None, _Validity]] = field(default_factory=dict)
     query_valid: dict[str, torch.Tensor] = field(default_factory=dict)
     # Per self-attention site across calls: tokens of the sequence so far, and each example's first real
     # token (absolute), to place the keys of a sliding-window cache that has dropped its oldest keys.
     tokens_seen: dict[str, int] = field(default_factory=dict)
     first_token: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The fallback: the padding masks the model was called with (``attention_mask``, ``decoder_attention_mask``).
+    token_masks: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    # Calls of each shared attention module in this forward pass (ALBERT): the n-th call is its n-th site.
+    uses_seen: dict[int, int] = field(default_factory=dict)
+    # Calls of headscope's attention function so far, and the count when each attention module began its call.
+    interface_calls: int = 0
+    calls_before: dict[int, int] = field(default_factory=dict)
+
+    def site_of(self, module: nn.Module) -> Site | None:
+        """The site this call of ``module`` is: for a module several layers share, the next of its uses."""
+        sites = self.sites.get(id(module))
+        if sites is None:
+            return None
+        if len(sites) == 1:
+            return sites[0]
+        use = self.uses_seen.get(id(module), 0)
+        self.uses_seen[id(module)] = use + 1
+        return sites[use % len(sites)]
 
     def reducers_for(self, stack: str) -> list[Reducer]:
         return [r for r in self.reducers if r.wants(stack)]
@@ -75,7 +102,10 @@ class _Session:
     def tracks_queries(self, stack: str) -> bool:
         """Whether a stack no reducer reads still needs its real-token queries: for gates that read z,
         and for the decoder, whose queries are the cross-attention's."""
-        return any(g.stack == stack for g in self.gates) or (stack == "decoder" and bool(self.reducers_for("cross")))
+        if any(g.stack == stack for g in self.gates):
+            return True
+        return any(s.queries_from == stack and bool(self.reducers_for(s.stack))
+                   for s in self.adapter.sites if s.kind == "cross")
 
     def rows_per_chunk(self, batch: int, heads: int, keys: int, skips_keys: bool, device: torch.device) -> int:
         """Queries per chunk: the fixed ``chunk_size``, else what fits the budget; when later keys can be
@@ -91,6 +121,7 @@ class _Session:
     def end_call(self) -> None:
         self.call += 1
         self.validity_cache.clear()
+        self.uses_seen.clear()
 
 
 class Scope:
@@ -129,6 +160,10 @@ class Scope:
         unknown = {g.stack for g in gates} - set(self.stacks)
         if unknown:
             raise HeadscopeError(f"no attention stack named {sorted(unknown)}: this model has {list(self.stacks)}")
+        shared = {g.stack for g in gates} & self.adapter.shared
+        if shared:
+            raise HeadscopeError(f"gates on {sorted(shared)} are not supported: several layers share each of its "
+                                 "attention modules (and output projections), so a gate cannot tell the layers apart")
         if any(g.uniform is not None for g in gates) and not self.adapter.routes_through_interface:
             raise HeadscopeError(f"uniform-attention gates need a model that dispatches attention through "
                                  f"transformers' AttentionInterface; {type(self.model).__name__} does not")
@@ -156,10 +191,20 @@ class Scope:
         _register()
         configs = _all_configs(self.model)
         saved = [(config, config._attn_implementation_internal) for config in configs]
+        handles = []
         try:
-            self.model.set_attn_implementation(IMPLEMENTATION)
+            implementation = _implementation_for(self.model)
+            session.masked = implementation == MASKED_IMPLEMENTATION
+            self.model.set_attn_implementation(implementation)
+            for sites in session.sites.values():
+                module = sites[0].module
+                handles.append(module.register_forward_pre_hook(
+                    lambda m, args: session.calls_before.__setitem__(id(m), session.interface_calls)))
+                handles.append(module.register_forward_hook(_interface_check(session, sites[0])))
             yield
         finally:
+            for handle in handles:
+                handle.remove()
             for config, implementation in saved:
                 config._attn_implementation_internal = implementation
 
@@ -183,6 +228,18 @@ class Scope:
             yield
         finally:
             handle.remove()
+
+
+def _interface_check(session: _Session, site: Site):
+    """A forward hook that refuses an attention module which ran without calling the attention interface: its
+    attention would be missing from the statistics, silently."""
+    def hook(module: nn.Module, args: tuple, output: object) -> None:
+        if session.reducers_for(site.stack) and session.interface_calls == session.calls_before.get(id(module)):
+            raise HeadscopeError(
+                f"{type(module).__name__} at '{site.path}' computed its attention without transformers' "
+                "AttentionInterface, so headscope saw none of it: this architecture is not supported")
+
+    return hook
 
 
 def _gate_hook(session: _Session, site: Site, site_gates: list[Gates]):
@@ -234,7 +291,22 @@ def _register() -> None:
     if not _REGISTERED:
         AttentionInterface.register(IMPLEMENTATION, headscope_attention)
         AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+        AttentionInterface.register(MASKED_IMPLEMENTATION, headscope_attention)
+        AttentionMaskInterface.register(MASKED_IMPLEMENTATION, _full_mask)
         _REGISTERED = True
+
+
+def _full_mask(*args, **kwargs):
+    """SDPA's mask, never left out as "causal": eager attention's pattern, as booleans."""
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
+def _implementation_for(model: nn.Module) -> str:
+    """``headscope`` where every sub-model supports SDPA (its masks may be left out for ``is_causal``, as SDPA's
+    are); else the masked variant, whose masks are built as the model's own eager path builds them."""
+    supports = [m._supports_sdpa for m in model.modules() if isinstance(m, PreTrainedModel)]
+    return IMPLEMENTATION if supports and all(supports) else MASKED_IMPLEMENTATION
 
 
 def headscope_attention(
@@ -250,7 +322,9 @@ def headscope_attention(
     Shapes: query (B, H, Tq, D), key and value (B, H_kv, Tk, D); returns (B, Tq, H, D).
     """
     session = _ACTIVE[0] if _ACTIVE else None
-    site = session.sites.get(id(module)) if session is not None else None
+    site = session.site_of(module) if session is not None else None
+    if site is not None:
+        session.interface_calls += 1
     reducers = session.reducers_for(site.stack) if site is not None else []
     uniform = _uniform_rows(session, site, query) if site is not None else None
     needs_eager = kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or uniform is not None
@@ -294,13 +368,14 @@ def _chunked_attention(
     kv_heads, n_keys = key.shape[1], key.shape[2]
     group = heads // kv_heads
     scaling = head_dim**-0.5 if scaling is None else scaling
+    # SDPA's rule where SDPA is the model's path; eager's (a causal mask is always built) where eager is
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    causal = bool(causal) and n_queries > 1 and attention_mask is None
+    causal = bool(causal) and n_queries > 1 and attention_mask is None and not (session is not None and session.masked)
     if causal and n_keys > n_queries:  # SDPA's rule for a prefill into a pre-allocated cache
         key, value, n_keys = key[:, :, :n_queries], value[:, :, :n_queries], n_queries
     mask = attention_mask[..., :n_keys] if attention_mask is not None else None
     offset = n_keys - n_queries
-    cross = site is not None and site.stack.startswith("cross")
+    cross = site is not None and site.kind == "cross"
     validity = _validity(session, site, mask, batch, n_queries, n_keys, cross, query.device) if reducers else None
 
     rows = (session.rows_per_chunk(batch, heads, n_keys, causal or mask is not None, query.device) if session
@@ -425,7 +500,7 @@ def _validity(
             key_valid = torch.ones(batch, n_keys, dtype=torch.bool, device=device)
             query_valid = torch.ones(batch, n_queries, dtype=torch.bool, device=device)
         else:
-            allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+            allowed = mask if mask.dtype == torch.bool else mask > MASKED_BELOW
             allowed = allowed.any(dim=1).expand(batch, n_queries, n_keys)
             key_valid = allowed.any(dim=1)
             if cross:
@@ -471,7 +546,10 @@ def _placed_on_sequence(session: _Session, site: Site, validity: _Validity, n_qu
 
 @contextlib.contextmanager
 def _eager_fallback(model: nn.Module, session: _Session) -> Iterator[None]:
-    """For models outside the attention interface: eager ``output_attentions`` read by forward hooks."""
+    """For models outside the attention interface: eager ``output_attentions`` read by forward hooks.
+
+    The model runs eager attention for the capture (a model on SDPA cannot return attention maps) and is
+    switched back after; which tokens are padding comes from the masks the model is called with."""
     warnings.warn(
         f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface: "
         "headscope falls back to eager output_attentions=True, which materialises every layer's full "
@@ -479,32 +557,100 @@ def _eager_fallback(model: nn.Module, session: _Session) -> Iterator[None]:
         stacklevel=4,
     )
     configs = _all_configs(model)
-    saved = [(c, c.output_attentions) for c in configs]
+    saved = [(c, c.output_attentions, c._attn_implementation_internal) for c in configs]
     handles = []
     try:
+        if any(c._attn_implementation != "eager" for c in configs):
+            _switch_to_eager(model, configs)
         for config in configs:
             config.output_attentions = True
-        for site in session.adapter.sites:
-            handles.append(site.module.register_forward_hook(_fallback_hook(session, site)))
+        handles.append(model.register_forward_pre_hook(_token_mask_hook(model, session), with_kwargs=True))
+        for sites in session.sites.values():
+            handles.append(sites[0].module.register_forward_hook(_fallback_hook(session)))
         yield
     finally:
         for handle in handles:
             handle.remove()
-        for config, value in saved:
+        for config, value, implementation in saved:
             config.output_attentions = value
+            config._attn_implementation_internal = implementation
 
 
-def _fallback_hook(session: _Session, site: Site):
+def _switch_to_eager(model: nn.Module, configs: list) -> None:
+    """Eager attention for the capture. A model that cannot switch through transformers (its attention classes
+    predate the interface) reads the implementation from its config at each call, so the config is switched."""
+    if model._can_set_attn_implementation():
+        try:
+            model.set_attn_implementation("eager")
+        except (ValueError, ImportError) as error:
+            raise HeadscopeError(f"headscope cannot capture {type(model).__name__}: it does not dispatch attention "
+                                 f"through transformers' AttentionInterface and cannot switch to eager attention "
+                                 f"({error})") from error
+        return
+    for config in configs:
+        config._attn_implementation_internal = "eager"
+
+
+def _token_mask_hook(model: nn.Module, session: _Session):
+    """Records the padding masks of each top-level call: ``attention_mask`` (the encoder's, or a decoder-only
+    model's) and ``decoder_attention_mask``, (batch, tokens) with 1 at real tokens."""
+    signature = inspect.signature(model.forward)
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        try:
+            bound = signature.bind_partial(*args, **kwargs).arguments
+        except TypeError:
+            bound = kwargs
+        session.token_masks = {"encoder": bound.get("attention_mask"), "decoder": bound.get("decoder_attention_mask")}
+
+    return hook
+
+
+def _fallback_validity(session: _Session, site: Site, batch: int, n_queries: int, n_keys: int,
+                       device: torch.device) -> _Validity:
+    """Which queries and keys of an eager map are real tokens, from the model's padding masks."""
+    decoder = site.stack.split(":")[0] == "decoder" or site.kind == "cross"
+    vision = site.stack.split(":")[0] == "vision"
+    query_mask = None if vision else session.token_masks.get("decoder" if decoder else "encoder")
+    key_mask = None if vision else session.token_masks.get("encoder" if site.kind == "cross" else
+                                                             "decoder" if decoder else "encoder")
+
+    def valid(mask: torch.Tensor | None, n: int, what: str) -> torch.Tensor:
+        if mask is None or mask.ndim != 2 or bool((mask != 0).all()):
+            return torch.ones(batch, n, dtype=torch.bool, device=device)
+        if mask.shape[0] != batch or mask.shape[1] < n:
+            raise HeadscopeError(
+                f"headscope cannot place the padding of {site.stack} layer {site.layer} ({what}: {n} tokens, a mask "
+                f"of {tuple(mask.shape)}): this model's eager fallback needs unpadded inputs, one example per call")
+        return (mask[:, mask.shape[1] - n:] != 0).to(device) if what == "queries" else (mask[:, :n] != 0).to(device)
+
+    keys = valid(key_mask, n_keys, "keys")
+    if site.kind == "cross":
+        queries = valid(query_mask, n_queries, "queries")
+    else:  # a decode step's queries are the last of the sequence's tokens, its keys all of them
+        queries = keys[:, n_keys - n_queries:] if n_keys >= n_queries else valid(query_mask, n_queries, "queries")
+    validity = _Validity(queries, keys, keys.int().argmax(dim=1))
+    if site.kind != "cross":
+        session.query_valid[site.stack] = queries
+    session.query_valid[site.path] = queries
+    return validity
+
+
+def _fallback_hook(session: _Session):
     def hook(module: nn.Module, args: tuple, output: object) -> None:
+        site = session.site_of(module)
         outputs = output if isinstance(output, tuple) else (output,)
         maps = [o for o in outputs if isinstance(o, torch.Tensor) and o.ndim == 4 and o.shape[1] == site.heads]
         reducers = session.reducers_for(site.stack)
-        if not maps or not reducers:
+        if not reducers:
             return
+        if not maps:
+            raise HeadscopeError(f"{type(module).__name__} at '{site.path}' returned no attention map under eager "
+                                 "output_attentions=True: headscope cannot capture this architecture")
         probs = maps[0].float()
         batch, _, n_queries, n_keys = probs.shape
-        cross = site.stack.startswith("cross")
-        validity = _validity(session, site, None, batch, n_queries, n_keys, cross, probs.device)
+        cross = site.kind == "cross"
+        validity = _fallback_validity(session, site, batch, n_queries, n_keys, probs.device)
         chunk = Chunk(site=site, probs=probs, logits=None,
                       query_index=torch.arange(n_queries, device=probs.device),
                       query_position=None if cross else torch.arange(n_queries, device=probs.device)
