@@ -113,6 +113,17 @@ def _nan_to_zero(module: nn.Module, args: Any, output: Any) -> Any:
     return output
 
 
+def in_float64_default(function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` with float64 as torch's default dtype: tensors the model makes on the fly (XGLM's clamp
+    value, made with ``torch.full``) then match the twin's float64 weights."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return function(*args)
+    finally:
+        torch.set_default_dtype(before)
+
+
 def float64_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
     """``inputs`` with floating tensors (pixels, audio features, embeddings) in float64, the rest as they are."""
     return {name: value.double() if torch.is_tensor(value) and value.is_floating_point() else value
@@ -214,7 +225,7 @@ def forward_attention(eager: nn.Module, kind: str, inputs: dict) -> dict[str, Ca
     """One eager forward with ``output_attentions=True``; per stack, its attention and token masks, each map
     paired with its float64 twin's."""
     return _paired(_forward_attention(eager, kind, inputs),
-                   _forward_attention(float64_twin(eager), kind, float64_inputs(inputs)))
+                   in_float64_default(_forward_attention, float64_twin(eager), kind, float64_inputs(inputs)))
 
 
 def _forward_attention(eager: nn.Module, kind: str, inputs: dict) -> dict[str, Call]:
@@ -257,7 +268,8 @@ def decoding_attention(eager: nn.Module, kind: str, inputs: dict, sequences: tor
     of one query, as ``generate`` does. Each map is paired with its float64 twin's.
     """
     return _paired(_decoding_attention(eager, kind, inputs, sequences),
-                   _decoding_attention(float64_twin(eager), kind, float64_inputs(inputs), sequences))
+                   in_float64_default(_decoding_attention, float64_twin(eager), kind, float64_inputs(inputs),
+                                      sequences))
 
 
 def _decoding_attention(eager: nn.Module, kind: str, inputs: dict, sequences: torch.Tensor) -> dict[str, list[Call]]:
