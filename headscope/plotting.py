@@ -12,11 +12,14 @@ there, the interactive HTML is still written and the caller is told once why the
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
+import plotly.io as pio
+from plotly.io.base_renderers import PngRenderer
 
 from headscope.errors import HeadscopeError
 from headscope.results import HeadMap
@@ -83,13 +86,7 @@ def save(figure: go.Figure, stem: Path, formats: Iterable[str] = ("html", *STATI
         written.append(path)
     for fmt in (f for f in formats if f != "html"):
         path = stem.with_suffix(f".{fmt}")
-        try:
-            figure.write_image(path, format=fmt, scale=2 if fmt == "png" else 1)
-        except Exception as error:  # kaleido raises several types when no browser is found
-            raise StaticExportError(
-                f"static {fmt.upper()} export needs Chrome or Chromium for kaleido ({type(error).__name__}): "
-                "install Debian's `chromium` package (the set-up script does when run as root)"
-            ) from error
+        _static(fmt, lambda fmt=fmt, path=path: figure.write_image(path, format=fmt, scale=2 if fmt == "png" else 1))
         written.append(path)
     return written
 
@@ -155,17 +152,51 @@ def export(figure: go.Figure, path: Path, fmt: str | None = None, width: str | f
     if fmt == "html":
         paper.write_html(path, include_plotlyjs=True, full_html=True)
         return path
-    try:
-        if fmt == "svg":
-            path.write_text(_svg_in_inches(paper.to_image(format="svg").decode("utf-8")), encoding="utf-8")
-        else:
-            paper.write_image(path, format=fmt, scale=dpi / PIXELS_PER_INCH if fmt == "png" else 1)
-    except Exception as error:  # kaleido raises several types when no browser is found
-        raise StaticExportError(
-            f"static {fmt.upper()} export needs Chrome or Chromium for kaleido ({type(error).__name__}): "
-            "install Debian's `chromium` package (the set-up script does when run as root)"
-        ) from error
+    if fmt == "svg":
+        svg = _static(fmt, lambda: paper.to_image(format="svg").decode("utf-8"))
+        path.write_text(_svg_in_inches(svg), encoding="utf-8")
+    else:
+        _static(fmt, lambda: paper.write_image(path, format=fmt, scale=dpi / PIXELS_PER_INCH if fmt == "png" else 1))
     return path
+
+
+# kaleido 1.x can run its first script call in the blank page's context when Chromium is slow to load its own page
+# (a loaded machine): the call then fails with "kaleido_scopes is not defined". A new kaleido (each call starts one)
+# loads the page afresh, so that error alone is tried again, a few times.
+_PAGE_NOT_LOADED = "kaleido_scopes is not defined"
+_STATIC_TRIES = 4
+
+
+def _static(fmt: str, write: Callable[[], Any]) -> Any:
+    """``write()`` through kaleido; :class:`StaticExportError` naming the cause when it cannot be done."""
+    for attempt in range(_STATIC_TRIES):
+        try:
+            return write()
+        except Exception as error:
+            if _PAGE_NOT_LOADED in str(error) and attempt + 1 < _STATIC_TRIES:
+                continue
+            raise StaticExportError(_static_failure(fmt, error)) from error
+    raise AssertionError("unreachable")
+
+
+class NotebookPng(PngRenderer):
+    """plotly's PNG renderer, with headscope's handling of kaleido's slow-page failure (tried again) and its one-line
+    error otherwise; registered as the renderer ``"headscope_png"`` (the notebooks use
+    ``pio.renderers.default = "plotly_mimetype+headscope_png"``)."""
+
+    def to_mimebundle(self, fig_dict: dict) -> dict:
+        return _static("png", lambda: super(NotebookPng, self).to_mimebundle(fig_dict))
+
+
+pio.renderers["headscope_png"] = NotebookPng()
+
+
+def _static_failure(fmt: str, error: BaseException) -> str:
+    if "Chrome" in str(error) or "chrome" in type(error).__name__.lower():
+        return (f"static {fmt.upper()} export needs Chrome or Chromium for kaleido ({type(error).__name__}): "
+                "install Debian's `chromium` package (the set-up script does when run as root)")
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+    return f"static {fmt.upper()} export failed in kaleido ({type(error).__name__}: {first})"
 
 
 class StaticExportError(RuntimeError):

@@ -15,6 +15,7 @@ import pytest
 from cli_runner import run_cli
 from PIL import Image
 
+from headscope import plotting
 from headscope.results import AnalysisResult, HeadMap, Results
 
 HAS_BROWSER = any(shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome", "chrome"))
@@ -124,3 +125,27 @@ def test_malformed_results_exit_2_with_one_line(tmp_path: Path, capsys: pytest.C
 
     assert code == 2, err
     assert len(err.splitlines()) == 1 and err.startswith(f"headscope: error: {source}: ")
+
+
+def test_kaleido_failing_before_its_page_loaded_is_tried_again_and_other_failures_name_their_cause() -> None:
+    calls = []
+
+    def slow_page() -> str:
+        calls.append(1)
+        if len(calls) < 3:  # what kaleido raises when it calls into the page before Chromium loaded it
+            raise RuntimeError("ReferenceError: kaleido_scopes is not defined")
+        return "image"
+
+    assert plotting._static("png", slow_page) == "image" and len(calls) == 3
+
+    def never_loads() -> None:
+        raise RuntimeError("ReferenceError: kaleido_scopes is not defined")
+
+    with pytest.raises(plotting.StaticExportError, match=r"PDF export failed in kaleido \(RuntimeError: Reference"):
+        plotting._static("pdf", never_loads)
+
+    def no_browser() -> None:
+        raise RuntimeError("Kaleido requires Google Chrome to be installed.")
+
+    with pytest.raises(plotting.StaticExportError, match="SVG export needs Chrome or Chromium"):
+        plotting._static("svg", no_browser)

@@ -162,16 +162,16 @@ def test_head_map_must_be_two_dimensional_and_name_a_known_stack() -> None:
     with pytest.raises(ValueError, match="shape"):
         HeadMap(np.zeros(4), stack="self")
     with pytest.raises(ValueError, match="stack must be one of"):
-        HeadMap(np.zeros((2, 2)), stack="audio")
+        HeadMap(np.zeros((2, 2)), stack="speech")
 
 
-@pytest.mark.parametrize("stack", ["self", "cross", "encoder", "decoder", "vision", "self:1", "decoder:12"])
+@pytest.mark.parametrize("stack", ["self", "cross", "encoder", "decoder", "vision", "audio", "self:1", "decoder:12"])
 def test_a_stack_is_a_base_name_optionally_numbered(stack: str) -> None:
     assert HeadMap(np.zeros((1, 1)), stack=stack).stack == stack
     assert is_stack(stack)
 
 
-@pytest.mark.parametrize("stack", ["audio", "audio:1", "self:", "self:0", "self:01", "self:x", "self:1:2", "", None])
+@pytest.mark.parametrize("stack", ["speech", "speech:1", "self:", "self:0", "self:01", "self:x", "self:1:2", "", None])
 def test_a_stack_that_is_not_a_base_name_optionally_numbered_is_refused(stack: object) -> None:
     assert not is_stack(stack)
     with pytest.raises(ValueError, match="stack must be one of self, cross, encoder, decoder, vision"):
@@ -179,7 +179,7 @@ def test_a_stack_that_is_not_a_base_name_optionally_numbered_is_refused(stack: o
 
 
 def test_stacks_lists_the_base_names() -> None:
-    assert STACKS == ("self", "cross", "encoder", "decoder", "vision")
+    assert STACKS == ("self", "cross", "encoder", "decoder", "vision", "audio")
 
 
 def test_maps_are_keyed_by_metric_and_the_maps_own_stack() -> None:
@@ -445,7 +445,7 @@ DELETE = object()
         ("analyses.sinks.maps.0.metric", 3, "field analyses.sinks.maps[0].metric: must be a string, found an integer"),
         ("analyses.sinks.maps.0.metric", "", "field analyses.sinks.maps[0].metric: must be a non-empty string"),
         ("analyses.sinks.maps.0.stack", DELETE, "missing field analyses.sinks.maps[0].stack"),
-        ("analyses.sinks.maps.0.stack", "audio", "field analyses.sinks.maps[0]: stack must be one of"),
+        ("analyses.sinks.maps.0.stack", "speech", "field analyses.sinks.maps[0]: stack must be one of"),
         ("analyses.sinks.maps.0.stack", "self:0", "field analyses.sinks.maps[0]: stack must be one of"),
         ("analyses.sinks.maps.0.signed", "no", "sinks.maps[0].signed: must be true or false, found a string"),
         ("analyses.sinks.maps.0.values", [[1.0, 2.0], [3.0]], "maps[0].values: must be a non-empty layers x"),

@@ -48,6 +48,8 @@ INTERFACE_MARKERS = ("ALL_ATTENTION_FUNCTIONS", "attention_interface", "Attentio
 SHARED_LAYERS = {"albert": ("num_hidden_layers", "num_hidden_groups")}
 # Model types headscope cannot capture exactly, and why: what the generic rules would get wrong.
 REFUSED = {
+    "canine": "its character encoders attend locally, in chunks, and transformers' eager attention returns the deep "
+              "encoder's maps alone, so headscope can neither check nor split them",
     "prophetnet": "its decoder attends in n-gram streams (a main stream and predicting streams in one softmax), "
                   "whose maps are not one row per token",
     "xlm-prophetnet": "its decoder attends in n-gram streams (a main stream and predicting streams in one softmax), "
@@ -265,7 +267,9 @@ def _head_dim(module: nn.Module, out_proj: nn.Module) -> int:
         if isinstance(value, int) and value > 0:
             return value
     config = getattr(module, "config", None)
-    heads = getattr(config, "num_attention_heads", None) or getattr(module, "num_heads", None)
+    heads = getattr(config, "num_attention_heads", None) or next(
+        (value for name in ("num_heads", "n_head", "n_heads", "num_attention_heads")
+         if isinstance(value := getattr(module, name, None), int) and value > 0), None)
     if heads:
         return _in_width(out_proj) // heads
     raise UnsupportedModelError(f"headscope cannot tell the head size of {type(module).__name__}")

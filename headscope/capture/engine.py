@@ -77,6 +77,7 @@ class _Session:
     # token (absolute), to place the keys of a sliding-window cache that has dropped its oldest keys.
     tokens_seen: dict[str, int] = field(default_factory=dict)
     first_token: dict[str, torch.Tensor] = field(default_factory=dict)
+    seen_in_call: dict[str, int] = field(default_factory=dict)  # the call in which tokens_seen last advanced
     # The fallback: the padding masks the model was called with (``attention_mask``, ``decoder_attention_mask``).
     token_masks: dict[str, torch.Tensor | None] = field(default_factory=dict)
     # Calls of each shared attention module in this forward pass (ALBERT): the n-th call is its n-th site.
@@ -532,8 +533,12 @@ def _placed_on_sequence(session: _Session, site: Site, validity: _Validity, n_qu
     ``key_start`` then becomes the first real token's index on the call's key axis (negative once it has
     been dropped). Without that first call inside the capture, the keys are taken to start the sequence.
     """
-    seen = n_queries if n_keys == n_queries else session.tokens_seen.get(site.path, 0) + n_queries
+    if session.seen_in_call.get(site.path) == session.call:  # a module calling attention twice (DiffLlama)
+        seen = session.tokens_seen[site.path]
+    else:
+        seen = n_queries if n_keys == n_queries else session.tokens_seen.get(site.path, 0) + n_queries
     session.tokens_seen[site.path] = seen
+    session.seen_in_call[site.path] = session.call
     offset = seen - n_keys
     if offset <= 0:
         session.first_token[site.path] = validity.key_start
@@ -639,7 +644,7 @@ def _fallback_validity(session: _Session, site: Site, batch: int, n_queries: int
 def _fallback_hook(session: _Session):
     def hook(module: nn.Module, args: tuple, output: object) -> None:
         site = session.site_of(module)
-        outputs = output if isinstance(output, tuple) else (output,)
+        outputs = output if isinstance(output, tuple | list) else (output,)
         maps = [o for o in outputs if isinstance(o, torch.Tensor) and o.ndim == 4 and o.shape[1] == site.heads]
         reducers = session.reducers_for(site.stack)
         if not reducers:
