@@ -23,7 +23,9 @@ from headscope.errors import UnsupportedModelError
 QUERY_PROJECTIONS = ("q_proj", "query", "q", "c_attn", "qkv_proj", "qkv", "Wqkv", "q_attn", "query_key_value", "q_lin",
                      "Wq", "query_proj", "in_proj", "q_a_proj")
 # Names of the output projection, first on the attention module itself, then on its parent's `output`.
-OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "c_proj", "dense", "o", "proj", "wo", "Wo", "out_lin")
+OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "c_proj", "dense", "o", "proj", "wo", "Wo", "out_lin", "output_projection")
+# Inside a gated output projection, the linear layer that takes the gated head outputs.
+GATED_INNER = ("linear", "o_proj", "out_proj", "dense")
 # The size of one head's output z (its value head: latent attention's query and key heads are wider).
 HEAD_DIM_ATTRIBUTES = ("v_head_dim", "head_dim", "attention_head_size", "head_size", "key_value_proj_dim")
 # Path fragments that name a stack: checked in order, first match wins.
@@ -249,7 +251,7 @@ def _output_projection(path: str, module: nn.Module, modules: dict[str, nn.Modul
     for attribute in OUTPUT_PROJECTIONS:
         candidate = getattr(module, attribute, None)
         if isinstance(candidate, nn.Module):
-            return candidate
+            return _ungated(candidate)
     parent = modules.get(path.rpartition(".")[0])
     output = getattr(parent, "output", None)
     dense = output if isinstance(output, nn.Linear) else getattr(output, "dense", None)
@@ -259,6 +261,18 @@ def _output_projection(path: str, module: nn.Module, modules: dict[str, nn.Modul
         f"headscope cannot find the output projection of {type(module).__name__} at '{path}': "
         "this architecture needs a row in headscope.capture.adapters.OUTPUT_PROJECTIONS"
     )
+
+
+def _ungated(projection: nn.Module) -> nn.Module:
+    """The linear layer of a gated output projection (Inkling 2, NeoMME: ``linear(z * sigmoid(gate_proj(x)))``), whose
+    input holds the heads' gated outputs; a plain projection as it is."""
+    if isinstance(projection, nn.Linear) or getattr(projection, "weight", None) is not None:
+        return projection
+    for name in GATED_INNER:
+        inner = getattr(projection, name, None)
+        if isinstance(inner, nn.Linear):
+            return inner
+    return projection
 
 
 def _head_dim(module: nn.Module, out_proj: nn.Module) -> int:

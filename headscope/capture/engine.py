@@ -27,6 +27,7 @@ from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.utils.generic import TransformersKwargs
 
 from headscope.capture.adapters import Adapter, Site, adapt
 from headscope.capture.gates import Gates
@@ -43,6 +44,14 @@ CPU_CHUNK_BYTES = 16 * 2**20
 # Per query row, the chunk holds about this many float32 copies of (heads x keys): logits, exp, probs.
 _COPIES_PER_ROW = 3
 _MIN_CHUNKS, _MIN_ROWS = 8, 64
+# Arguments transformers' attention functions take that headscope's implements (the rest of the signature), and
+# the ones that say nothing about the attention (bookkeeping, kernel hints): any other, when not None, is refused.
+KNOWN_ARGUMENTS = frozenset({
+    "scaling", "dropout", "is_causal", "position_bias", "softcap", "s_aux", "sliding_window",
+    "cache_position", "use_cache", "layer_idx", "head_mask", "target_dtype", "return_dict", "deterministic",
+    "input_ids",
+    *TransformersKwargs.__annotations__,  # what every model passes along: flash-attention lengths, output flags
+})
 # An additive mask entry at or below this hides its key: exp of it is 0 in float32. Masks use the dtype's lowest
 # value, -inf, or (older models, MarkupLM) -10000.
 MASKED_BELOW = -5000.0
@@ -326,6 +335,12 @@ def headscope_attention(
     site = session.site_of(module) if session is not None else None
     if site is not None:
         session.interface_calls += 1
+    unknown = sorted(name for name, value in kwargs.items() if value is not None and name not in KNOWN_ARGUMENTS)
+    if unknown:
+        raise HeadscopeError(
+            f"{type(module).__name__} passes {', '.join(unknown)} to its attention function, which headscope's "
+            "attention does not implement: capturing it would change the model's output (this architecture is not "
+            "supported)")
     reducers = session.reducers_for(site.stack) if site is not None else []
     uniform = _uniform_rows(session, site, query) if site is not None else None
     needs_eager = kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or uniform is not None
