@@ -55,6 +55,8 @@ KNOWN_ARGUMENTS = frozenset({
 # An additive mask entry at or below this hides its key: exp of it is 0 in float32. Masks use the dtype's lowest
 # value, -inf, or (older models, MarkupLM) -10000.
 MASKED_BELOW = -5000.0
+# Stacks over a tower's own tokens (patches, audio frames), which the text padding masks do not describe.
+TOWERS = ("vision", "audio")
 
 # The active capture, process-wide: a forward run in another thread (a streamer's generate) is captured too.
 _ACTIVE: list[_Session] = []
@@ -629,11 +631,12 @@ def _token_mask_hook(model: nn.Module, session: _Session):
 def _fallback_validity(session: _Session, site: Site, batch: int, n_queries: int, n_keys: int,
                        device: torch.device) -> _Validity:
     """Which queries and keys of an eager map are real tokens, from the model's padding masks."""
-    decoder = site.stack.split(":")[0] == "decoder" or site.kind == "cross"
-    vision = site.stack.split(":")[0] == "vision"
-    query_mask = None if vision else session.token_masks.get("decoder" if decoder else "encoder")
-    key_mask = None if vision else session.token_masks.get("encoder" if site.kind == "cross" else
-                                                             "decoder" if decoder else "encoder")
+    base = site.stack.split(":")[0]
+    decoder = base == "decoder" or site.kind == "cross"
+    tower = base in TOWERS  # an image or audio tower: its tokens are not the text masks'
+    query_mask = None if tower else session.token_masks.get("decoder" if decoder else "encoder")
+    key_mask = None if tower else session.token_masks.get("encoder" if site.kind == "cross" else
+                                                            "decoder" if decoder else "encoder")
 
     def valid(mask: torch.Tensor | None, n: int, what: str) -> torch.Tensor:
         if mask is None or mask.ndim != 2 or bool((mask != 0).all()):
