@@ -19,6 +19,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers or huggingface_hub rea
 # the command lines and notebook kernels the tests start fail on a FutureWarning too (pyproject's filterwarnings
 # covers this process): transformers announces removals with them
 os.environ["PYTHONWARNINGS"] = "error::FutureWarning"
+# One torch thread in this process and in every process it starts (command lines, notebook kernels, workers):
+# on a machine where other work holds a core, a second thread makes each call wait on the slower one (a forward
+# pass 2x slower, a generate step 2.5x, measured on 2 cores beside `yes`), while one thread loses about a third
+# on a quiet one. HEADSCOPE_TEST_THREADS sets another count; every exactness tolerance holds for any count.
+os.environ.setdefault("HEADSCOPE_TEST_THREADS", "1")
+os.environ["OMP_NUM_THREADS"] = os.environ["HEADSCOPE_TEST_THREADS"]
+os.environ["MKL_NUM_THREADS"] = os.environ["HEADSCOPE_TEST_THREADS"]
 
 from pathlib import Path
 
@@ -26,6 +33,8 @@ import pytest
 import torch
 from tiny_models import sharpen
 from torch import nn
+
+torch.set_num_threads(int(os.environ["HEADSCOPE_TEST_THREADS"]))  # if a plugin imported torch before OMP_NUM_THREADS
 
 
 class _Deprecations(logging.Handler):

@@ -9,7 +9,6 @@ SmolLM2 and prints its numbers.
 from __future__ import annotations
 
 import copy
-import os
 import re
 import time
 from pathlib import Path
@@ -450,13 +449,9 @@ def test_packaged_model_importance(tmp_path: Path, alias: str) -> None:
     if not zoo.PACKAGED[alias].installed():
         pytest.skip(f"run `{zoo.PACKAGED[alias].install}`")
     max_tokens, params = PACKAGED_RUNS[alias]
-    started, threads = time.perf_counter(), torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)  # a real model gains from every core, unlike the tiny ones
-    try:
-        result = analyze(RunOptions(model=alias, analyses=["importance"], out=tmp_path, figures=(),
-                                    max_tokens=max_tokens, params={"importance": params}))["importance"]
-    finally:
-        torch.set_num_threads(threads)
+    started = time.perf_counter()
+    result = analyze(RunOptions(model=alias, analyses=["importance"], out=tmp_path, figures=(),
+                                max_tokens=max_tokens, params={"importance": params}))["importance"]
     assert result.status == "ok", result.error
     curve = result.tables["pruning"]
     clean = result.summary["clean_loss"]
