@@ -45,8 +45,10 @@ class Params(Parameters):
             raise HeadscopeError(f"summary.max_new_tokens must be at least 1, got {self.max_new_tokens}")
 
 
+# Not part of a default run: sinks' sink_mass is first_token_mass, and patterns has entropy; run it by name for the
+# two maps in one cheap pass (and for encoder-decoders' decoder and cross-attention entropy).
 @register("summary", kinds=("decoder", "encoder", "encoder-decoder"), params=Params, main_metric="first_token_mass",
-          description="per-head attention mass on the first token and entropy, in one pass",
+          description="per-head attention mass on the first token and entropy, in one pass", default=False,
           cost="about 3 s on smollm2-135m, 1 s on whisper-tiny.en (2 CPU cores)")
 def run(context: Context) -> AnalysisResult:
     started = time.perf_counter()

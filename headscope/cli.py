@@ -38,7 +38,7 @@ def analyze(
         help="packaged alias, local folder, .gguf file or hub id (default: the packaged smollm2-135m)")] = None,
     analyses: Annotated[str | None, typer.Option(
         "--analyses", "-a", help="comma-separated analyses to run (default: those that fit the model; costly "
-        "ones such as importance run only when named)")] = None,
+        "ones such as importance, and summary, whose maps sinks and patterns hold, run only when named)")] = None,
     text: Annotated[str | None, typer.Option(help="text to analyse instead of the default probe")] = None,
     input_path: Annotated[str | None, typer.Option(
         "--input", help="file to analyse: UTF-8 text, a .wav file for speech models, or an image for "

@@ -5,14 +5,24 @@ width in inches, with font sizes in points that stay legible at that width; PNG 
 at that physical size. Plotly lays figures out in CSS pixels, 96 to the inch, so a 3.5 in figure is 336
 pixels wide, a PNG at 300 dpi is 1050 pixels wide, and a PDF page is 252 points wide.
 
-Static export goes through kaleido, which drives a Chrome/Chromium found on the machine; when none is
-there, the interactive HTML is still written and the caller is told once why the static files are not.
+Static export goes through kaleido, which drives a Chrome/Chromium found on the machine. A
+:class:`StaticSession` starts one browser and keeps it for every figure it is given (a run's figures, a
+notebook's PNGs), starts a new one when the browser dies, tries again on the browser's transient failures,
+and otherwise raises :class:`StaticExportError` with the cause in one line: no browser, a browser that
+keeps failing, a path that cannot be written, or kaleido's own error. Every file is written atomically.
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import base64
+import concurrent.futures
+import contextlib
+import os
 import re
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +30,10 @@ import numpy as np
 import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.io.base_renderers import PngRenderer
+from plotly.offline import get_plotlyjs
 
 from headscope.errors import HeadscopeError
-from headscope.results import HeadMap
+from headscope.results import HeadMap, write_atomically
 
 STATIC_FORMATS = ("png", "svg", "pdf")
 EXPORT_FORMATS = ("png", "svg", "pdf", "html")
@@ -72,23 +83,38 @@ def heatmap(head_map: HeadMap, title: str) -> go.Figure:
     return figure
 
 
-def save(figure: go.Figure, stem: Path, formats: Iterable[str] = ("html", *STATIC_FORMATS)) -> list[Path]:
-    """Write ``figure`` as ``stem.<format>`` for each format; returns the files written.
+def save(figure: go.Figure, stem: Path, formats: Iterable[str] = ("html", *STATIC_FORMATS),
+         session: StaticSession | None = None) -> tuple[list[Path], dict[Path, str]]:
+    """Write ``figure`` as ``stem.<format>`` for each format: the files written, and each file that could not
+    be, with why (one line).
 
-    HTML files load plotly.js from a ``plotly.min.js`` written once beside them (no network needed).
-    Raises :class:`StaticExportError` when static export is impossible on this machine, after the HTML.
+    HTML files load plotly.js from a ``plotly.min.js`` written once beside them (no network needed). Static
+    files go through ``session`` (default: the process's shared :data:`SESSION`); PNG at twice the layout size.
     """
-    written = []
-    formats = list(formats)
-    if "html" in formats:
-        path = stem.with_suffix(".html")
-        figure.write_html(path, include_plotlyjs="directory", full_html=True)
-        written.append(path)
-    for fmt in (f for f in formats if f != "html"):
+    session = SESSION if session is None else session
+    written, failed = [], {}
+    for fmt in formats:
         path = stem.with_suffix(f".{fmt}")
-        _static(fmt, lambda fmt=fmt, path=path: figure.write_image(path, format=fmt, scale=2 if fmt == "png" else 1))
+        try:
+            if fmt == "html":
+                _write_html(figure, path)
+            else:
+                session.write(figure, path, fmt, scale=2 if fmt == "png" else 1)
+        except StaticExportError as error:
+            failed[path] = str(error)
+            continue
         written.append(path)
-    return written
+    return written, failed
+
+
+def _write_html(figure: go.Figure, path: Path) -> None:
+    bundle = path.with_name("plotly.min.js")
+    try:
+        if not bundle.exists():
+            write_atomically(bundle, get_plotlyjs().encode("utf-8"))
+        write_atomically(path, figure.to_html(include_plotlyjs="directory", full_html=True).encode("utf-8"))
+    except OSError as error:
+        raise StaticExportError(_unwritable(path, error)) from error
 
 
 def paper_width(width: str | float) -> float:
@@ -150,57 +176,189 @@ def export(figure: go.Figure, path: Path, fmt: str | None = None, width: str | f
         raise HeadscopeError(f"dpi must be from 10 to 2400; got {dpi}")
     paper = for_paper(figure, width, height)
     if fmt == "html":
-        paper.write_html(path, include_plotlyjs=True, full_html=True)
+        try:
+            write_atomically(path, paper.to_html(include_plotlyjs=True, full_html=True).encode("utf-8"))
+        except OSError as error:
+            raise StaticExportError(_unwritable(path, error)) from error
         return path
-    if fmt == "svg":
-        svg = _static(fmt, lambda: paper.to_image(format="svg").decode("utf-8"))
-        path.write_text(_svg_in_inches(svg), encoding="utf-8")
-    else:
-        _static(fmt, lambda: paper.write_image(path, format=fmt, scale=dpi / PIXELS_PER_INCH if fmt == "png" else 1))
-    return path
+    return SESSION.write(paper, path, fmt, scale=dpi / PIXELS_PER_INCH if fmt == "png" else 1)
 
 
 # kaleido 1.x can run its first script call in the blank page's context when Chromium is slow to load its own page
-# (a loaded machine): the call then fails with "kaleido_scopes is not defined". A new kaleido (each call starts one)
-# loads the page afresh, so that error alone is tried again, a few times.
+# (a loaded machine): the call then fails with "kaleido_scopes is not defined"; the tab is reloaded after every call,
+# so the same browser is asked again. A browser that died or stopped answering is replaced by a new one.
 _PAGE_NOT_LOADED = "kaleido_scopes is not defined"
 _STATIC_TRIES = 4
 
 
-def _static(fmt: str, write: Callable[[], Any]) -> Any:
-    """``write()`` through kaleido; :class:`StaticExportError` naming the cause when it cannot be done."""
-    for attempt in range(_STATIC_TRIES):
+def _transient(error: BaseException) -> bool:
+    """Whether ``error`` is the browser failing (dead, hung, a broken pipe) rather than kaleido refusing a figure."""
+    from choreographer.channels import ChannelClosedError, JSONError
+    from choreographer.errors import BrowserClosedError, BrowserFailedError
+
+    return isinstance(error, (BrowserClosedError, BrowserFailedError, ChannelClosedError, JSONError, TimeoutError,
+                              asyncio.CancelledError, concurrent.futures.CancelledError))
+
+
+class StaticSession:
+    """One kaleido browser for many static figures: started at the first figure, kept until :meth:`close`.
+
+    Starting Chromium costs seconds; a kept one renders a small figure in a fraction of one. The browser runs on
+    this session's own thread and event loop, so a session works from a notebook (whose loop is running) as
+    from a script. Each figure is tried up to 4 times: again in the same browser when kaleido called into its
+    page before the page had loaded, in a new browser when the browser died, hung past ``timeout`` seconds or
+    broke its pipe. Any other failure, or the last try's, raises :class:`StaticExportError` in one line with the
+    cause. No browser on the machine is remembered: later figures fail at once with the same message.
+    """
+
+    def __init__(self, timeout: float = 120.0) -> None:
+        self.timeout = timeout
+        self._lock = threading.RLock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._kaleido: Any = None
+        self._unavailable: str | None = None
+
+    def image(self, figure: go.Figure | dict, fmt: str, scale: float = 1) -> bytes:
+        """``figure`` rendered as ``fmt`` (png, svg, pdf) bytes, at its layout size times ``scale``."""
+        spec = figure.to_plotly_json() if isinstance(figure, go.Figure) else dict(figure)
+        layout = spec.get("layout", {})
+        opts = {"format": fmt, "scale": scale, "width": layout.get("width") or pio.defaults.default_width,
+                "height": layout.get("height") or pio.defaults.default_height}
+        with self._lock:
+            for attempt in range(_STATIC_TRIES):
+                if self._unavailable is not None:
+                    raise StaticExportError(f"static {fmt.upper()} export {self._unavailable}")
+                try:
+                    return self._call(self._render(spec, opts))
+                except Exception as error:
+                    if _no_browser(error):
+                        self._unavailable = _no_browser_reason()
+                        raise StaticExportError(f"static {fmt.upper()} export {self._unavailable}") from None
+                    last_try = attempt + 1 == _STATIC_TRIES
+                    if _PAGE_NOT_LOADED in str(error) and not last_try:
+                        continue
+                    if _transient(error):
+                        self._stop()
+                        if not last_try:
+                            continue
+                    raise StaticExportError(_static_failure(fmt, error, attempt + 1)) from error
+        raise AssertionError("unreachable")
+
+    def write(self, figure: go.Figure | dict, path: Path, fmt: str, scale: float = 1) -> Path:
+        """Write ``figure`` to ``path`` as ``fmt`` atomically (an SVG states its size in inches); returns ``path``."""
+        data = self.image(figure, fmt, scale)
+        if fmt == "svg":
+            data = _svg_in_inches(data.decode("utf-8")).encode("utf-8")
         try:
-            return write()
-        except Exception as error:
-            if _PAGE_NOT_LOADED in str(error) and attempt + 1 < _STATIC_TRIES:
-                continue
-            raise StaticExportError(_static_failure(fmt, error)) from error
-    raise AssertionError("unreachable")
+            return write_atomically(path, data)
+        except OSError as error:
+            raise StaticExportError(_unwritable(path, error)) from error
+
+    def close(self) -> None:
+        """Close the browser and stop the session's thread; a later figure starts a new browser."""
+        with self._lock:
+            self._stop()
+            loop, self._loop = self._loop, None
+            if loop is not None:
+                loop.call_soon_threadsafe(loop.stop)
+            self._unavailable = None
+
+    async def _render(self, spec: dict, opts: dict) -> bytes:
+        if self._kaleido is None:
+            import kaleido
+
+            browser = kaleido.Kaleido(n=1, timeout=None, mathjax=False)  # the session times each call
+            try:
+                await browser.open()
+            except BaseException:
+                await asyncio.shield(_close_quietly(browser))
+                raise
+            self._kaleido = browser
+        return await self._kaleido.calc_fig(spec, opts=opts)
+
+    def _call(self, coroutine: Any) -> Any:
+        """Run ``coroutine`` on the session's loop; one that outlives ``timeout`` (starting the browser included) is
+        cancelled and raises TimeoutError."""
+        if self._loop is None or self._loop.is_closed():
+            self._loop = asyncio.new_event_loop()
+            threading.Thread(target=_serve, args=(self._loop,), name="headscope-kaleido", daemon=True).start()
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result(self.timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"the browser did not answer within {self.timeout:g} s") from None
+
+    def _stop(self) -> None:
+        """Close the browser (a dead or hung one too); the next figure starts a new one."""
+        browser, self._kaleido = self._kaleido, None
+        if browser is None or self._loop is None:
+            return
+        future = asyncio.run_coroutine_threadsafe(browser.close(), self._loop)
+        try:
+            future.result(30)
+        except Exception:  # a browser that cannot even close is abandoned; its process dies with ours
+            future.cancel()
+
+
+async def _close_quietly(browser: Any) -> None:
+    with contextlib.suppress(Exception):  # it failed to start; what is left of it dies with this process
+        await browser.close()
+
+
+def _serve(loop: asyncio.AbstractEventLoop) -> None:
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_forever()
+    finally:
+        loop.close()
+
+
+SESSION = StaticSession()
+"""The process's shared session: :func:`save`, :func:`export` and the notebook renderer use it."""
+atexit.register(SESSION.close)
 
 
 class NotebookPng(PngRenderer):
-    """plotly's PNG renderer, with headscope's handling of kaleido's slow-page failure (tried again) and its one-line
-    error otherwise; registered as the renderer ``"headscope_png"`` (the notebooks use
-    ``pio.renderers.default = "plotly_mimetype+headscope_png"``)."""
+    """plotly's PNG renderer through :data:`SESSION` (one browser for a notebook's figures, tried again on a
+    transient failure, a one-line error otherwise); registered as the renderer ``"headscope_png"`` (the notebooks
+    use ``pio.renderers.default = "plotly_mimetype+headscope_png"``)."""
 
     def to_mimebundle(self, fig_dict: dict) -> dict:
-        return _static("png", lambda: super(NotebookPng, self).to_mimebundle(fig_dict))
+        image = SESSION.image(fig_dict, "png", self.scale or 1)
+        return {self.mime_type: base64.b64encode(image).decode("ascii")}
 
 
 pio.renderers["headscope_png"] = NotebookPng()
 
 
-def _static_failure(fmt: str, error: BaseException) -> str:
-    if "Chrome" in str(error) or "chrome" in type(error).__name__.lower():
-        return (f"static {fmt.upper()} export needs Chrome or Chromium for kaleido ({type(error).__name__}): "
-                "install Debian's `chromium` package (the set-up script does when run as root)")
+def _no_browser(error: BaseException) -> bool:
+    from choreographer.errors import ChromeNotFoundError
+
+    return isinstance(error, ChromeNotFoundError)
+
+
+def _no_browser_reason() -> str:
+    given = os.environ.get("BROWSER_PATH")
+    where = f"BROWSER_PATH='{given}' is not one" if given else "none was found"
+    return (f"needs Chrome or Chromium for kaleido, and {where}: install Debian's `chromium` package (the set-up "
+            "script does when run as root) or set BROWSER_PATH to a browser")
+
+
+def _static_failure(fmt: str, error: BaseException, tries: int) -> str:
     first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
-    return f"static {fmt.upper()} export failed in kaleido ({type(error).__name__}: {first})"
+    detail = f"{type(error).__name__}: {first}" if first else type(error).__name__
+    if _transient(error) or _PAGE_NOT_LOADED in str(error):
+        return f"static {fmt.upper()} export failed: the browser failed {tries} times in a row ({detail})"
+    return f"static {fmt.upper()} export failed in kaleido ({detail})"
+
+
+def _unwritable(path: Path, error: OSError) -> str:
+    return f"cannot write {path}: {error.strerror or error}"
 
 
 class StaticExportError(RuntimeError):
-    """Static figure export is impossible on this machine (no browser for kaleido)."""
+    """A static figure could not be made or written; the message says why in one line."""
 
 
 def _svg_in_inches(svg: str) -> str:

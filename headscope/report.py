@@ -18,7 +18,6 @@ from __future__ import annotations
 import html
 import json
 import os
-import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
 from headscope import plotting
-from headscope.results import AnalysisResult, Results, to_jsonable
+from headscope.results import AnalysisResult, Results, to_jsonable, write_atomically
 from headscope.views import Views
 
 TOP_HEADS = 5
@@ -93,16 +92,7 @@ def write(results: Results, path: str | os.PathLike[str], figures: Figures | Non
 
     ``figures`` are shown per analysis; by default, one heatmap per map. ``views`` feed the linked views.
     """
-    path = Path(path)
-    data = render(results, figures, views).encode("utf-8")
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(path, render(results, figures, views).encode("utf-8"))
 
 
 def render(results: Results, figures: Figures | None = None, views: Views | None = None) -> str:

@@ -426,28 +426,10 @@ class Results(Mapping[str, AnalysisResult]):
             raise HeadscopeError(f"{source}: nested too deeply to be a headscope results file") from None
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write ``results.json`` atomically and return its path.
-
-        The document is serialised first, then written to a temporary file in the same folder, flushed,
-        fsynced and moved over ``path``: a failure at any point leaves any previous file as it was and no
-        temporary file behind.
-        """
-        path = Path(path)
+        """Write ``results.json`` atomically (:func:`write_atomically`) and return its path; the document is
+        serialised first, so a value that cannot be written leaves any previous file as it was."""
         text = json.dumps(self.to_dict(), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-        data = (text + "\n").encode("utf-8")
-        temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            with os.fdopen(fd, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
-        _fsync_folder(path.parent)
-        return path
+        return write_atomically(path, (text + "\n").encode("utf-8"))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Results:
@@ -520,6 +502,29 @@ def _map_frame(analysis: str, metric: str, head_map: HeadMap) -> pd.DataFrame:
             "value": head_map.values.ravel(),
         }
     )
+
+
+def write_atomically(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the whole new one, never a part.
+
+    The bytes go to a temporary file in the same folder, are flushed, fsynced and moved over ``path``: a
+    failure at any point (a full disk, a kill) leaves any previous file as it was and no temporary file behind.
+    results.json, the report and every figure file are written this way.
+    """
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+    return path
 
 
 def _fsync_folder(folder: Path) -> None:

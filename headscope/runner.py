@@ -107,10 +107,12 @@ def analyze(options: RunOptions, progress: Callable[[str], None] = lambda messag
     drawn = analysis_figures(results, options.notes)
     write_figures(results, out, options, drawn)
     write_exports(results, out, options.notes)
+    progress("writing report")
+    shown = _views(loaded, scope, results, options)
+    results.provenance["notes"] = list(dict.fromkeys(options.notes))
     results.provenance["wall_seconds"] = round(time.perf_counter() - started, 3)
     results.save(out / "results.json")
-    progress("writing report")
-    report.write(results, out / "report.html", drawn, _views(loaded, scope, results, options))
+    report.write(results, out / "report.html", drawn, shown)
     return results
 
 
@@ -188,21 +190,40 @@ def write_exports(results: Results, out: Path, notes: list[str] | None = None) -
 
 
 def write_figures(results: Results, out: Path, options: RunOptions,
-                  figures: dict[str, dict[str, go.Figure]] | None = None) -> None:
+                  figures: dict[str, dict[str, go.Figure]] | None = None) -> dict[str, Any]:
     """One heatmap per map and each analysis's own figures (``figures``, by default
-    :func:`analysis_figures`): interactive HTML, plus static formats where this machine can make them."""
+    :func:`analysis_figures`), in each format of ``options.figures``; returns what was asked, written and not.
+
+    Static files go through one :class:`~headscope.plotting.StaticSession` (one browser for the run). A file that
+    cannot be made is recorded with its analysis and reason, and each distinct reason becomes one note
+    (``options.notes``): "N of M figure files not written (...): reason". The record is also stored as
+    ``results.provenance["figures"]``.
+    """
     formats = list(options.figures)
+    record: dict[str, Any] = {"formats": formats, "written": 0, "failed": []}
+    results.provenance["figures"] = record
     if not formats:
-        return
+        return record
     folder = out / "figures"
     folder.mkdir(exist_ok=True)
-    for name, named in (analysis_figures(results) if figures is None else figures).items():
-        for figure_name, figure in named.items():
-            try:
-                plotting.save(figure, folder / f"{name}-{figure_name}", formats)
-            except plotting.StaticExportError as error:
-                options.notes.append(str(error))
-                formats = ["html"]
+    session = plotting.StaticSession()
+    try:
+        for name, named in (analysis_figures(results) if figures is None else figures).items():
+            for figure_name, figure in named.items():
+                written, failed = plotting.save(figure, folder / f"{name}-{figure_name}", formats, session)
+                record["written"] += len(written)
+                record["failed"] += [{"analysis": name, "file": str(path.relative_to(out)), "reason": reason}
+                                     for path, reason in failed.items()]
+    finally:
+        session.close()
+    total = record["written"] + len(record["failed"])
+    by_reason: dict[str, list[str]] = {}
+    for failure in record["failed"]:
+        by_reason.setdefault(failure["reason"], []).append(Path(failure["file"]).name)
+    for reason, files in by_reason.items():
+        shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        options.notes.append(f"{len(files)} of {total} figure files not written ({shown}): {reason}")
+    return record
 
 
 def provenance(loaded: Loaded, options: RunOptions, input_digest: str) -> dict:

@@ -217,8 +217,8 @@ def test_analyze_writes_summary_maps_and_provenance(tmp_path: Path, tiny_llama_d
     import transformers
 
     out = tmp_path / "out"
-    run = headscope(monkeypatch, capsys, "analyze", str(tiny_llama_dir), "--out", str(out), "--figures", "none",
-                    "--seed", "7", "-q")
+    run = headscope(monkeypatch, capsys, "analyze", str(tiny_llama_dir), "-a", "summary", "--out", str(out),
+                    "--figures", "none", "--seed", "7", "-q")
 
     assert run.code == 0, run.err
     assert "Traceback" not in run.err
@@ -244,8 +244,8 @@ def test_max_tokens_truncates_text_longer_than_the_context(tmp_path: Path, tiny_
                                                            monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "out"
-    run = headscope(monkeypatch, capsys, "analyze", str(tiny_llama_dir), "--text", LONG_TEXT, "--max-tokens", "16",
-                    "--out", str(out), "--figures", "none", "-q")
+    run = headscope(monkeypatch, capsys, "analyze", str(tiny_llama_dir), "-a", "summary", "--text", LONG_TEXT,
+                    "--max-tokens", "16", "--out", str(out), "--figures", "none", "-q")
 
     assert run.code == 0, run.err
     results = Results.load(out / "results.json")
@@ -335,7 +335,32 @@ def test_failing_figures_keep_the_results_and_the_heatmaps(
     assert (out / "report.html").exists()
 
 
-def test_costly_analyses_run_only_when_named() -> None:
-    default = [analysis.name for analysis in registry.select(None, "decoder")]
-    assert "importance" not in default and {"summary", "sinks", "patterns"} <= set(default)
+def test_static_figures_that_cannot_be_made_are_counted_named_and_recorded(
+    tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+) -> None:
+    monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-browser"))
+    out = tmp_path / "out"
+    run = headscope(monkeypatch, capsys, "analyze", str(tiny_llama_dir), "-a", "summary", "--out", str(out),
+                    "--figures", "html,png", "-q")
+
+    assert run.code == 0, run.err
+    reason = (f"static PNG export needs Chrome or Chromium for kaleido, and BROWSER_PATH='{tmp_path / 'no-browser'}' "
+              "is not one: install Debian's `chromium` package (the set-up script does when run as root) or set "
+              "BROWSER_PATH to a browser")
+    note = f"2 of 4 figure files not written (summary-first_token_mass-self.png, summary-entropy-self.png): {reason}"
+    assert f"note: {note}" in run.err.splitlines()
+    figures = Results.load(out / "results.json").provenance["figures"]
+    assert figures["formats"] == ["html", "png"] and figures["written"] == 2
+    assert figures["failed"] == [{"analysis": "summary", "file": f"figures/summary-{name}-self.png", "reason": reason}
+                                 for name in ("first_token_mass", "entropy")]
+    assert note in Results.load(out / "results.json").provenance["notes"]
+    assert sorted(p.name for p in (out / "figures").iterdir()) == [
+        "plotly.min.js", "summary-entropy-self.html", "summary-first_token_mass-self.html"]
+
+
+def test_costly_and_repeating_analyses_run_only_when_named() -> None:
+    # a default run does each forward pass once: summary's two maps are sinks' sink_mass and patterns' entropy
+    assert [analysis.name for analysis in registry.select(None, "decoder")] == ["patterns", "sinks"]
+    assert [analysis.name for analysis in registry.select(None, "encoder-decoder")] == ["sinks"]
+    assert [analysis.name for analysis in registry.select(["summary"], "decoder")] == ["summary"]
     assert [analysis.name for analysis in registry.select(["importance"], "decoder")] == ["importance"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -127,25 +128,143 @@ def test_malformed_results_exit_2_with_one_line(tmp_path: Path, capsys: pytest.C
     assert len(err.splitlines()) == 1 and err.startswith(f"headscope: error: {source}: ")
 
 
-def test_kaleido_failing_before_its_page_loaded_is_tried_again_and_other_failures_name_their_cause() -> None:
-    calls = []
+class FakeKaleido:
+    """Stands in for ``kaleido.Kaleido``: each render takes the next outcome of ``script`` (an exception to raise,
+    "hang" to never answer, or bytes to return); counts the browsers started and the renders asked of each."""
 
-    def slow_page() -> str:
-        calls.append(1)
-        if len(calls) < 3:  # what kaleido raises when it calls into the page before Chromium loaded it
-            raise RuntimeError("ReferenceError: kaleido_scopes is not defined")
-        return "image"
+    script: ClassVar[list] = []
+    started: ClassVar[list] = []
+    on_hang: ClassVar[list] = []
 
-    assert plotting._static("png", slow_page) == "image" and len(calls) == 3
+    def __init__(self, **options: object) -> None:
+        self.renders = 0
+        FakeKaleido.started.append(self)
 
-    def never_loads() -> None:
-        raise RuntimeError("ReferenceError: kaleido_scopes is not defined")
+    async def open(self) -> None:
+        pass
 
-    with pytest.raises(plotting.StaticExportError, match=r"PDF export failed in kaleido \(RuntimeError: Reference"):
-        plotting._static("pdf", never_loads)
+    async def close(self) -> None:
+        pass
 
-    def no_browser() -> None:
-        raise RuntimeError("Kaleido requires Google Chrome to be installed.")
+    async def calc_fig(self, spec: dict, opts: dict) -> bytes:
+        import asyncio
 
-    with pytest.raises(plotting.StaticExportError, match="SVG export needs Chrome or Chromium"):
-        plotting._static("svg", no_browser)
+        self.renders += 1
+        outcome = FakeKaleido.script.pop(0) if FakeKaleido.script else b"image"
+        if outcome == "hang":
+            for call in FakeKaleido.on_hang:
+                call()
+            await asyncio.sleep(3600)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+
+@pytest.fixture
+def fake_kaleido(monkeypatch: pytest.MonkeyPatch):
+    import kaleido
+
+    monkeypatch.setattr(kaleido, "Kaleido", FakeKaleido)
+    FakeKaleido.script, FakeKaleido.started, FakeKaleido.on_hang = [], [], []
+    session = plotting.StaticSession(timeout=600)
+    yield session
+    session.close()
+
+
+def a_figure() -> plotting.go.Figure:
+    return plotting.heatmap(HeadMap(np.linspace(0, 1, 6).reshape(2, 3), "self", "test"), "t")
+
+
+def test_one_browser_serves_every_figure_of_a_session(fake_kaleido: plotting.StaticSession, tmp_path: Path) -> None:
+    for n in range(5):
+        written, failed = plotting.save(a_figure(), tmp_path / f"f{n}", ("png", "pdf"), fake_kaleido)
+        assert failed == {} and [p.read_bytes() for p in written] == [b"image", b"image"]
+
+    assert len(FakeKaleido.started) == 1 and FakeKaleido.started[0].renders == 10
+
+
+def test_a_page_that_had_not_loaded_is_asked_again_in_the_same_browser(fake_kaleido: plotting.StaticSession) -> None:
+    # what kaleido 1.x raises when it calls into its page before Chromium has loaded it (a loaded machine)
+    FakeKaleido.script = [RuntimeError("ReferenceError: kaleido_scopes is not defined")] * 2
+
+    assert fake_kaleido.image(a_figure(), "png") == b"image"
+    assert len(FakeKaleido.started) == 1 and FakeKaleido.started[0].renders == 3
+
+
+def test_a_browser_that_dies_is_replaced_and_one_that_keeps_dying_is_named(fake_kaleido: plotting.StaticSession,
+                                                                          tmp_path: Path) -> None:
+    from choreographer.channels import JSONError
+    from choreographer.errors import BrowserClosedError
+
+    FakeKaleido.script = [BrowserClosedError("browser closed"), JSONError("broken pipe")]
+    assert fake_kaleido.image(a_figure(), "svg") == b"image"
+    assert len(FakeKaleido.started) == 3
+
+    FakeKaleido.script = [BrowserClosedError("browser closed")] * 4
+    written, failed = plotting.save(a_figure(), tmp_path / "f", ("html", "pdf"), fake_kaleido)
+
+    assert [p.suffix for p in written] == [".html"] and not (tmp_path / "f.pdf").exists()
+    assert failed == {tmp_path / "f.pdf": "static PDF export failed: the browser failed 4 times in a row "
+                                          "(BrowserClosedError: browser closed)"}
+
+
+def test_a_browser_that_hangs_is_given_up_after_the_timeout_and_replaced(fake_kaleido: plotting.StaticSession) -> None:
+    FakeKaleido.script = ["hang"]
+    fake_kaleido.timeout = 0.2  # for the call that hangs; the try after it has all the time it needs
+    FakeKaleido.on_hang = [lambda: setattr(fake_kaleido, "timeout", 600)]
+
+    assert fake_kaleido.image(a_figure(), "png") == b"image"
+    assert len(FakeKaleido.started) >= 2  # (more only if the machine was too slow to start the first in 0.2 s)
+
+
+def test_kaleidos_own_error_is_not_tried_again_and_says_what_failed(fake_kaleido: plotting.StaticSession) -> None:
+    from kaleido.errors import KaleidoError
+
+    FakeKaleido.script = [KaleidoError(525, "unsupported figure")]
+
+    with pytest.raises(plotting.StaticExportError, match=r"^static PNG export failed in kaleido \(KaleidoError: "):
+        fake_kaleido.image(a_figure(), "png")
+    assert FakeKaleido.started[0].renders == 1
+
+
+def test_no_browser_names_the_cause_once_and_every_later_figure_says_the_same(monkeypatch: pytest.MonkeyPatch,
+                                                                            tmp_path: Path) -> None:
+    monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-such-chromium"))
+    session = plotting.StaticSession()
+    try:
+        for fmt in ("png", "svg"):
+            with pytest.raises(plotting.StaticExportError) as caught:
+                session.write(a_figure(), tmp_path / f"f.{fmt}", fmt)
+            assert str(caught.value) == (
+                f"static {fmt.upper()} export needs Chrome or Chromium for kaleido, and BROWSER_PATH="
+                f"'{tmp_path / 'no-such-chromium'}' is not one: install Debian's `chromium` package (the set-up "
+                "script does when run as root) or set BROWSER_PATH to a browser")
+    finally:
+        session.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@needs_browser
+def test_a_real_browser_killed_between_figures_is_replaced(tmp_path: Path) -> None:
+    import psutil
+
+    session = plotting.StaticSession()
+    try:
+        first = session.image(a_figure(), "png")
+        browsers = [child for child in psutil.Process().children(recursive=True) if "chrom" in child.name().lower()]
+        assert browsers
+        for browser in browsers:
+            browser.kill()
+        psutil.wait_procs(browsers, timeout=30)
+        second = session.image(a_figure(), "png")
+    finally:
+        session.close()
+    assert first.startswith(b"\x89PNG") and second == first
+
+
+@needs_browser
+def test_an_unwritable_path_is_named_with_its_reason(results_json: Path, capsys: pytest.CaptureFixture) -> None:
+    code, err = plot(capsys, str(results_json), "--metric", "entropy", "--out", "/proc/headscope.pdf")
+
+    assert code == 2, err
+    assert err.strip() == "headscope: error: cannot write /proc/headscope.pdf: No such file or directory"

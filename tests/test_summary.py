@@ -85,24 +85,25 @@ def default_run(tmp_path_factory) -> Path:
 @needs("smollm2-135m")
 def test_default_model_run_writes_results_and_figures(default_run: Path) -> None:
     results = Results.load(default_run / "results.json")
-    summary = results["summary"]
 
+    assert list(results) == ["patterns", "sinks"]  # each forward pass once: summary runs by name
     assert results.provenance["model"]["type"] == "packaged"
     assert results.provenance["model"]["alias"] == "smollm2-135m"
-    assert summary.status == "ok"
-    assert summary.map("first_token_mass", "self").values.shape == (30, 9)
-    assert summary.map("entropy", "self").values.shape == (30, 9)
-    assert np.isfinite(summary.map("entropy", "self").values).all()
-    for metric in ("first_token_mass", "entropy"):
-        png = default_run / "figures" / f"summary-{metric}-self.png"
+    assert all(result.status == "ok" for result in results.values())
+    figures = results.provenance["figures"]
+    assert figures["formats"] == ["html", "png"] and figures["failed"] == [] and figures["written"] > 0
+    for name, metric in (("sinks", "sink_mass"), ("patterns", "entropy")):
+        values = results[name].map(metric, "self").values
+        assert values.shape == (30, 9) and np.isfinite(values).all()
+        png = default_run / "figures" / f"{name}-{metric}-self.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert (default_run / "figures" / f"summary-{metric}-self.html").is_file()
+        assert (default_run / "figures" / f"{name}-{metric}-self.html").is_file()
 
 
 @pytest.mark.slow
 @needs("smollm2-135m")
 def test_smollm2_middle_layers_attend_to_the_first_token(default_run: Path) -> None:
-    mass = Results.load(default_run / "results.json")["summary"].map("first_token_mass", "self").values
+    mass = Results.load(default_run / "results.json")["sinks"].map("sink_mass", "self").values
     middle = float(mass[10:26].mean())
     print(f"\nsmollm2-135m mean first-token mass, layers 10-25: {middle:.3f} (layers 0-1: {mass[:2].mean():.3f})")
 
@@ -117,7 +118,7 @@ def _words(text: str) -> list[str]:
 @needs("whisper-tiny.en")
 def test_whisper_run_captures_three_stacks_and_transcribes_the_clip(tmp_path: Path) -> None:
     started = time.perf_counter()
-    code = run_cli("analyze", "whisper-tiny.en", "--out", str(tmp_path), "--figures", "none", "-q")
+    code = run_cli("analyze", "whisper-tiny.en", "-a", "summary", "--out", str(tmp_path), "--figures", "none", "-q")
     print(f"\nheadscope analyze whisper-tiny.en: {time.perf_counter() - started:.1f} s")
 
     assert code == 0
