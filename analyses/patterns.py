@@ -53,7 +53,8 @@ DESCRIPTIONS = {
     "mean_distance": "mean attention distance sum_s A[t, s] |t - s| in tokens, on prose",
     "cluster": "head type: KMeans cluster of standardised pattern features (see the representatives table)",
 }
-UNITS = {"entropy": "nats", "mean_distance": "tokens"}
+UNITS = {"entropy": "nats", "mean_distance": "tokens", "induction": "share", "previous_token": "share",
+         "duplicate_token": "share"}
 DECODER_OFFSETS = (0, 1, 2, 3, 4)
 ENCODER_OFFSETS = (-2, -1, 0, 1, 2, 3, 4)
 MAX_CLUSTERS = 6

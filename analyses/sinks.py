@@ -33,15 +33,16 @@ from __future__ import annotations
 import inspect
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from headscope import distributed
+from headscope import distributed, plotting
 from headscope.analyses import sinks_vlm
 from headscope.analyses.sink_reducers import FilteredEntropy, KeyReceived, ResidualMass, SinkMass
 from headscope.capture.reducers import Entropy, KeyMass, Reducer
@@ -98,6 +99,9 @@ class Params(Parameters):
     """
 
     analysis = "sinks"
+    applies: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "max_new_tokens": ("encoder-decoder", "vision-language"), "silence_db": ("audio",),
+        **dict.fromkeys(("visual_tau", "visual_min_layer", "centric_ratio", "centric_mass"), ("vision-language",))}
     sink_positions: tuple[int, ...] | Literal["detected"] = (0,)
     eps: float = 0.3
     protocol: Protocol = "prose"
@@ -183,7 +187,7 @@ def run(context: Context) -> AnalysisResult:
             if metric == "residual_mass" and not np.nanmax(np.abs(values)) > RESIDUAL_FLOOR:
                 continue
             result.add_map(metric, HeadMap(values=values, stack=stack, description=DESCRIPTIONS[metric],
-                                           unit="nats" if metric.endswith("entropy") else ""))
+                                           unit="nats" if metric.endswith("entropy") else "share"))
     if "residual_mass" not in result.metrics():
         summary["residual_mass"] = f"none: every row sums to 1 within {RESIDUAL_FLOOR:g} (no learned sink)"
     summary.update(_sink_rates(passes, params, result, context.scope.stacks))
@@ -515,13 +519,18 @@ def figures(result: AnalysisResult) -> dict[str, go.Figure]:
     layers = result.tables.get("layers")
     if layers is not None and len(layers):
         profile = go.Figure()
-        for stack, group in layers.groupby("stack", sort=False):
+        for number, (stack, group) in enumerate(layers.groupby("stack", sort=False)):
+            colour = plotting.CATEGORICAL[number % len(plotting.CATEGORICAL)]  # one colour a stack, one dash a measure
             profile.add_scatter(x=group["layer"], y=group["sink_mass"], mode="lines+markers",
-                                name=f"{stack}: sink mass")
-            profile.add_scatter(x=group["layer"], y=group["share_over_eps"], mode="lines", line_dash="dot",
+                                line={"color": colour, "dash": "solid"}, name=f"{stack}: sink mass")
+            profile.add_scatter(x=group["layer"], y=group["share_over_eps"], mode="lines+markers",
+                                line={"color": colour, "dash": "dot"}, marker_symbol="diamond-open",
                                 name=f"{stack}: share of heads with alpha > {result.params.get('eps')}")
+        top = int(layers["layer"].max()) if len(layers) else 0
         profile.update_layout(title="sinks: per-layer profile (mean over heads)", xaxis_title="layer",
-                              yaxis_title="mass / share", yaxis_range=[0, 1.02], template="simple_white")
+                              yaxis_title="share", yaxis_range=[0, 1.02], template="simple_white",
+                              xaxis={"tickmode": "linear", "dtick": max(1, (top + 1) // 12),
+                                     "range": [-0.5, top + 0.5]})
         out["profile"] = profile
     out.update(sinks_vlm.figures(result))
     table = result.tables.get("attention_by_position")
@@ -535,7 +544,8 @@ def figures(result: AnalysisResult) -> dict[str, go.Figure]:
                                   hovertemplate="%{hovertext}<br>received %{y:.4f}<extra></extra>"))
         figure.update_layout(title=f"sinks: where attention goes ({stack}; mean over heads, queries and layers; "
                                    "red: sink tokens)", xaxis_title="key position",
-                             yaxis_title="attention received", template="simple_white", bargap=0)
+                             yaxis_title="attention received (share)", template="simple_white", bargap=0,
+                             xaxis_range=[-1, int(group["position"].max()) + 1])  # position 0 clear of the axis
         out[f"where-{stack.replace(':', '_')}"] = figure
     return out
 

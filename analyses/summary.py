@@ -12,7 +12,9 @@ encoder, the decoder's self-attention and its cross-attention.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -38,6 +40,7 @@ class Params(Parameters):
     """
 
     analysis = "summary"
+    applies: ClassVar[Mapping[str, tuple[str, ...]]] = {"max_new_tokens": ("encoder-decoder",)}
     max_new_tokens: int = MAX_NEW_TOKENS
 
     def check(self) -> None:
@@ -71,7 +74,7 @@ def run(context: Context) -> AnalysisResult:
     for metric, reducer in (("first_token_mass", mass), ("entropy", entropy)):
         for stack, values in reducer.result().items():
             result.add_map(metric, HeadMap(values=values, stack=stack, description=DESCRIPTIONS[metric],
-                                           unit="nats" if metric == "entropy" else ""))
+                                           unit="nats" if metric == "entropy" else "share"))
     for stack in context.scope.stacks:
         top = result.top_heads("first_token_mass", k=3, stack=stack)
         summary[f"top_first_token_mass_{stack}"] = [f"{layer}.{head}={value:.3f}" for layer, head, value in top]

@@ -248,11 +248,11 @@ def patterns_of(model: Model, text: str | None = None, heads: Any = None, *, sta
     inputs = probe_text.encode(tokenizer, probe_text.prose() if text is None else text, info.max_tokens,
                                max_tokens if max_tokens is not None else (48 if text is None else None))
     inputs = {name: tensor.to(net.device) for name, tensor in inputs.items()}
-    source = _readable(tokenizer, inputs["input_ids"][0].tolist())
+    source = probe_text.readable(tokenizer, inputs["input_ids"][0].tolist())
     if info.kind == "encoder-decoder":
         decoded = decoding.own_output(net, inputs, DECODED_TOKENS)
         inputs["decoder_input_ids"] = decoded.sequence
-        target = _readable(tokenizer, decoded.sequence[0].tolist())
+        target = probe_text.readable(tokenizer, decoded.sequence[0].tolist())
         tokens = {"decoder": (target, target), "cross": (target, source), "encoder": (source, source)}
     else:
         tokens = {s: (source, source) for s in info.stacks if not s.startswith("vision")}
@@ -289,11 +289,6 @@ def _heads(heads: Any, stack: str, tokens: dict, info) -> list[tuple[str, int, i
                                  f"{shape.heads} heads")
         chosen.append((s, int(layer), int(head)))
     return chosen
-
-
-def _readable(tokenizer, ids: list[int]) -> list[str]:
-    """Each token's own text, as the tokenizer decodes it alone (no ``Ġ`` or ``▁``); special tokens as they are."""
-    return [tokenizer.decode([i]) for i in ids]
 
 
 def _unique(labels: list[str]) -> list[str]:

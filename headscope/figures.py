@@ -24,7 +24,7 @@ def own(result: AnalysisResult) -> dict[str, go.Figure]:
     if result.name not in registry.list_analyses():
         return {}
     hook = registry.get(result.name).figures
-    return {} if hook is None else dict(hook(result))
+    return {} if hook is None else {name: plotting.fit_title(figure) for name, figure in hook(result).items()}
 
 
 class Figures(dict):

@@ -48,39 +48,88 @@ DEFAULT_DPI = 300
 # Perceptually uniform and readable in grayscale; signed metrics use a diverging scale centred at zero.
 SEQUENTIAL = "Viridis"
 DIVERGING = "RdBu"
+CATEGORICAL = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
+"""Okabe and Ito's colour-blind-safe palette: categories (cluster labels) and the lines of one figure."""
+DASHES = ("solid", "dot", "dash", "dashdot", "longdash", "longdashdot")
+MAX_CELL_INCHES = 0.15
+"""A paper heatmap's rows are at most this tall, so a 30 x 9 map at page width is not a full page."""
+TITLE_CHARACTERS = 60
 
 
 def heatmap(head_map: HeadMap, title: str) -> go.Figure:
-    """A layer x head heatmap; hover shows ``layer.head``, the value and what the metric means."""
+    """A layer x head heatmap; hover shows ``layer.head``, the value and what the metric means.
+
+    The colour bar is titled with the map's unit (its metric's name when it has none); a signed map gets a
+    diverging scale centred at zero, a map of labels (cluster labels) one colour per label from
+    :data:`CATEGORICAL`, with the labels as the colour bar's ticks.
+    """
     values = np.asarray(head_map.values, dtype=float)
     layers, heads = values.shape
     labels = [[f"{layer}.{head}" for head in range(heads)] for layer in range(layers)]
     limit = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
-    figure = go.Figure(
-        go.Heatmap(
-            z=values,
-            x=list(range(heads)),
-            y=list(range(layers)),
-            customdata=labels,
-            colorscale=DIVERGING if head_map.signed else SEQUENTIAL,
-            zmid=0.0 if head_map.signed else None,
-            zmin=-limit if head_map.signed else None,
-            zmax=limit if head_map.signed else None,
-            hovertemplate="head %{customdata}<br>value %{z:.4f}<br>" + escape_label(head_map.description)
-            + "<extra></extra>",
-        )
-    )
+    unit = head_map.unit or head_map.metric or "value"
+    trace: dict[str, Any] = {"colorscale": DIVERGING if head_map.signed else SEQUENTIAL,
+                             "colorbar": {"title": {"text": escape_label(unit), "side": "right"}},
+                             "hovertemplate": "head %{customdata}<br>value %{z:.4g}<br>"}
+    if head_map.signed:
+        trace.update(zmid=0.0, zmin=-limit, zmax=limit)
+    if head_map.notable == "label":
+        trace.update(_categories(values, head_map.metric or "label"))
+    trace["hovertemplate"] += escape_label(head_map.description) + "<extra></extra>"
+    figure = go.Figure(go.Heatmap(z=values, x=list(range(heads)), y=list(range(layers)), customdata=labels, **trace))
     figure.update_layout(
-        title=escape_label(title),
+        title=wrap_title(title),
         xaxis_title="head",
         yaxis_title="layer",
         yaxis_autorange="reversed",
+        xaxis={"tickmode": "linear", "dtick": max(1, heads // 12)},
+        yaxis={"tickmode": "linear", "dtick": max(1, layers // 15)},
         template="simple_white",
-        # wide enough for the title too (plotly never wraps it; about 9 px a character at its default size)
-        width=max(360, 60 + 28 * heads, min(900, 100 + 9 * len(title))),
-        height=max(300, 120 + 18 * layers),
+        width=max(330, 130 + 24 * heads, min(640, 100 + 9 * min(len(title), TITLE_CHARACTERS))),
+        height=max(300, 140 + 18 * layers),
     )
     return figure
+
+
+def _categories(values: np.ndarray, name: str) -> dict[str, Any]:
+    """A discrete colour scale, one band per label, and colour-bar ticks at the labels' centres."""
+    found = sorted({int(v) for v in values[np.isfinite(values)]}) or [0]
+    low, high = found[0], found[-1]
+    count = high - low + 1
+    scale = []
+    for index in range(count):
+        colour = CATEGORICAL[index % len(CATEGORICAL)]
+        scale += [[index / count, colour], [(index + 1) / count, colour]]
+    return {"colorscale": scale, "zmin": low - 0.5, "zmax": high + 0.5,
+            "colorbar": {"title": {"text": escape_label(name), "side": "right"}, "tickmode": "array",
+                         "tickvals": list(range(low, high + 1)), "ticktext": [str(v) for v in range(low, high + 1)]},
+            "hovertemplate": f"head %{{customdata}}<br>{escape_label(name)} %{{z:.0f}}<br>"}
+
+
+def wrap_title(title: str, width: int = TITLE_CHARACTERS) -> str:
+    """``title`` escaped for plotly's labels and broken at spaces into lines of at most ``width`` characters
+    (plotly never wraps a title; a long one is cut at the figure's edge)."""
+    return "<br>".join(escape_label(line) for line in _lines(title, width))
+
+
+def fit_title(figure: go.Figure) -> go.Figure:
+    """Break ``figure``'s title into lines (:func:`wrap_title`; it is plotly markup already, so it is not escaped
+    again) when it is longer than fits, with room above the plot for the lines."""
+    text = figure.layout.title.text
+    if text and "<br>" not in text and len(text) > TITLE_CHARACTERS:
+        lines = _lines(text, TITLE_CHARACTERS)
+        figure.update_layout(title_text="<br>".join(lines), margin_t=50 + 20 * len(lines))
+    return figure
+
+
+def _lines(text: str, width: int) -> list[str]:
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines
 
 
 def save(figure: go.Figure, stem: Path, formats: Iterable[str] = ("html", *STATIC_FORMATS),
@@ -139,7 +188,7 @@ def for_paper(figure: go.Figure, width: str | float = "column", height: float | 
     inches = paper_width(width)
     layout = figure.layout
     ratio = (layout.height or 450) / (layout.width or 700)
-    tall = min(MAX_HEIGHT_INCHES, inches * ratio) if height is None else float(height)
+    tall = min(MAX_HEIGHT_INCHES, inches * ratio, _heatmap_height(figure, inches)) if height is None else float(height)
     if not np.isfinite(tall) or tall <= 0:
         raise HeadscopeError(f"height must be a positive number of inches; got '{height}'")
     points = FONT_POINTS["column" if inches < (WIDTHS["column"] + WIDTHS["page"]) / 2 else "page"]
@@ -157,6 +206,20 @@ def for_paper(figure: go.Figure, width: str | float = "column", height: float | 
     paper.update_traces(colorbar={"thickness": 2 * points, "len": 1.0, "outlinewidth": 0},
                         selector={"type": "heatmap"})
     return paper
+
+
+def _heatmap_height(figure: go.Figure, inches: float) -> float:
+    """For a figure of one heatmap: the height at which its rows are at most :data:`MAX_CELL_INCHES` tall (and no
+    taller than its cells are wide), margins included; no limit for other figures."""
+    heatmaps = [trace for trace in figure.data if trace.type == "heatmap"]
+    if len(heatmaps) != 1 or heatmaps[0].z is None:
+        return float("inf")
+    rows = np.asarray(heatmaps[0].z, dtype=float)
+    if rows.ndim != 2:
+        return float("inf")
+    cell = (inches - 1.4) / rows.shape[1]  # the plot's width, less the axis title and the colour bar
+    margins = 0.9 + 0.15 * bool(figure.layout.title.text)
+    return rows.shape[0] * min(cell, MAX_CELL_INCHES) + margins
 
 
 def export(figure: go.Figure, path: Path, fmt: str | None = None, width: str | float = "column",

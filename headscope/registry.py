@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -155,6 +155,18 @@ class Parameters:
     """
 
     analysis: ClassVar[str] = "analysis"
+    applies: ClassVar[Mapping[str, tuple[str, ...]]] = {}
+    """Parameters that matter for some models only: name -> the model kinds (``"encoder-decoder"``) or inputs
+    (``"audio"``, ``"image"``) it applies to. The report lists only the parameters that apply to the run's model
+    (results.json keeps all)."""
+
+    @classmethod
+    def applicable(cls, names: Iterable[str], kind: str | None, inputs: str | None) -> list[str]:
+        """Those of ``names`` that apply to a model of ``kind`` whose input is ``inputs`` (``"text"``, ``"audio"``,
+        ``"image"``); every name when neither is known."""
+        if kind is None and inputs is None:
+            return list(names)
+        return [name for name in names if name not in cls.applies or {kind, inputs} & set(cls.applies[name])]
 
     @classmethod
     def read(cls: type[P], given: Mapping[str, Any] | P | None = None, seed: int | None = None) -> P:

@@ -119,8 +119,8 @@ class HeadMap:
     ``values`` has shape (layers, heads); NaN marks a head that does not exist in a layer or was not
     measured. ``stack`` is a base name from :data:`STACKS`, optionally numbered (``"self:1"``).
     ``description`` says what the metric means (shown on hover); ``signed`` asks plots for a diverging
-    colour scale; ``unit`` is the values' unit (``"nats"``; empty for a share or a plain score). ``notable`` says
-    which heads stand out, what :meth:`top` ranks first: ``"high"`` values, ``"low"`` ones, the largest
+    colour scale; ``unit`` is the values' unit (``"nats"``, ``"share"`` of attention; empty for a plain score).
+    ``notable`` says which heads stand out, what :meth:`top` ranks first: ``"high"`` values, ``"low"`` ones, the largest
     ``"magnitude"`` (the default of a signed map: a task metric's most helpful head is its most negative), or
     ``"label"`` for values that are categories (cluster labels), which are never ranked. ``metric`` is the map's name,
     set when it is added to a result. Maps are equal when their fields are, NaN counting as equal to NaN.

@@ -83,6 +83,11 @@ def analyze(options: RunOptions, progress: Callable[[str], None] = lambda messag
     if loaded.info.source.get("synthetic"):
         options.notes.append(f"synthetic model: {loaded.info.source['synthetic']}")
     probe = probe_inputs.build(loaded, options.text, options.input_path, options.max_tokens)  # bad input fails here
+    if probe.cut_from is not None and (options.text is not None or options.input_path is not None):
+        # (the shipped probe cut to a short context is the default's design; the user's own text is a caveat)
+        why = f"--max-tokens {options.max_tokens}" if options.max_tokens is not None else "the model's context"
+        options.notes.append(f"truncated input: the {probe.source} was cut to its first {len(probe.tokens)} of "
+                             f"{probe.cut_from} tokens to fit {why}")
     results = Results(provenance=provenance(loaded, options, probe.digest))
     kept = _resumable(previous, results, chosen, out / "results.json", options) if options.resume else {}
     if distributed.is_main():
@@ -108,7 +113,7 @@ def analyze(options: RunOptions, progress: Callable[[str], None] = lambda messag
     write_figures(results, out, options, drawn)
     write_exports(results, out, options.notes)
     progress("writing report")
-    shown = _views(loaded, scope, results, options)
+    shown = _views(loaded, scope, results, options, probe)
     results.provenance["notes"] = list(dict.fromkeys(options.notes))
     results.provenance["wall_seconds"] = round(time.perf_counter() - started, 3)
     results.save(out / "results.json")
@@ -116,10 +121,11 @@ def analyze(options: RunOptions, progress: Callable[[str], None] = lambda messag
     return results
 
 
-def _views(loaded: Loaded, scope: Scope, results: Results, options: RunOptions) -> views.Views | None:
+def _views(loaded: Loaded, scope: Scope, results: Results, options: RunOptions,
+           probe: Any = None) -> views.Views | None:
     """The report's linked views; a failure becomes a note and the report goes without them."""
     try:
-        return views.attention_views(loaded, scope, results, options.text)
+        return views.attention_views(loaded, scope, results, options.text, probe)
     except Exception as error:  # the views must not cost the report
         options.notes.append(f"pattern views failed: {type(error).__name__}: {error}".splitlines()[0])
         return None
@@ -236,6 +242,7 @@ def provenance(loaded: Loaded, options: RunOptions, input_digest: str) -> dict:
         "architecture": loaded.info.architecture,
         "model_type": loaded.info.model_type,
         "kind": loaded.info.kind,
+        "inputs": input_kind(loaded),
         "stacks": {name: stack.as_dict() for name, stack in loaded.info.stacks.items()},
         "dtype": options.dtype,
         "device": options.device,
@@ -252,6 +259,14 @@ def provenance(loaded: Loaded, options: RunOptions, input_digest: str) -> dict:
         "command": " ".join(sys.argv),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def input_kind(loaded: Loaded) -> str:
+    """What the model reads: ``"audio"`` (a speech encoder-decoder), ``"image"`` (with text: a vision-language
+    model) or ``"text"``."""
+    if loaded.info.kind == "vision-language":
+        return "image"
+    return "audio" if hasattr(loaded.processor, "feature_extractor") else "text"
 
 
 def _writable_folder(path: Path) -> Path:

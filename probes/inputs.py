@@ -26,6 +26,7 @@ class Probe:
     digest: str
     generate: bool = False
     waveform: np.ndarray | None = None  # audio models: the 16 kHz clip the features were made from
+    cut_from: int | None = None  # text cut to fit (--max-tokens, or the model's context): its length in tokens
 
 
 def build(loaded, user_text: str | None = None, input_path: str | None = None,
@@ -47,7 +48,9 @@ def build(loaded, user_text: str | None = None, input_path: str | None = None,
     inputs = text.encode(tokenizer, body, info.max_tokens, max_tokens)
     tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].tolist())
     source = "user text" if user_text is not None else "shipped prose (probes/data/prose.txt)"
-    return Probe(inputs, tokens, source, _digest(body.encode()), generate=info.kind == "encoder-decoder")
+    whole = len(tokenizer(body, verbose=False)["input_ids"]) if max_tokens is not None else len(tokens)
+    return Probe(inputs, tokens, source, _digest(body.encode()), generate=info.kind == "encoder-decoder",
+                 cut_from=whole if whole > len(tokens) else None)
 
 
 def _speech(model, processor, input_path: str | None) -> Probe:

@@ -55,6 +55,11 @@ def encode(
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
 
+def readable(tokenizer, ids: list[int]) -> list[str]:
+    """Each token's own text, as the tokenizer decodes it alone (no ``Ġ`` or ``▁``); special tokens as they are."""
+    return [tokenizer.decode([i]) for i in ids]
+
+
 LANGUAGE_TAG = re.compile(r"^(>>[a-z_]{2,12}<<|__[a-z]{2,3}(_[A-Za-z]+)?__|[a-z]{3}_[A-Z][a-z]{3}|<\|[a-z]{2,3}\|>)$")
 """Language tags of multilingual tokenizers (Marian, NLLB, M2M, Whisper), which are not content."""
 

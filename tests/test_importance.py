@@ -174,7 +174,9 @@ def test_gate_gradient_equals_autograd_sum_over_tokens_of_z_dot_dloss_dz():
     assert per_batch.max() > 1e-3
     np.testing.assert_allclose(found["per_batch"], per_batch, rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(found["per_token"], per_token, rtol=1e-4, atol=1e-7)
-    assert (found["per_token"] >= found["per_batch"] - 1e-9).all()  # triangle inequality
+    # triangle inequality, to the float32 rounding of summing `tokens` terms (equality where all share one sign)
+    eps = np.finfo(np.float32).eps
+    assert (found["per_token"] >= found["per_batch"] * (1 - tokens * eps)).all()
 
 
 def _planted() -> torch.nn.Module:

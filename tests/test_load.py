@@ -404,3 +404,19 @@ def test_gemma3_loads_as_18_by_4_with_one_kv_head() -> None:
 
     assert info.kind == "decoder"
     assert _shape(info) == {"self": (18, 4, 1)}
+
+
+@needs("whisper-tiny.en")
+def test_a_first_load_converts_without_printing_progress_bars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capfd: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv(zoo.CACHE_ENV, str(tmp_path))
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()  # as in a user's session
+    capfd.readouterr()
+    folder = zoo.materialise("whisper-tiny.en")
+
+    assert (folder / "config.json").is_file() and folder.parent == tmp_path
+    printed = capfd.readouterr()
+    assert printed.err == "" and printed.out == ""  # transformers' "Writing model shards" bar stays off
+    assert hf_logging.is_progress_bar_enabled()  # and is back on afterwards

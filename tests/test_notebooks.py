@@ -19,6 +19,10 @@ NUMBER = r"(-?\d+(?:\.\d+)?)"
 PLOTLY = "application/vnd.plotly.v1+json"
 MACHINE_PATH = re.compile(r"/(?:work|tmp|root|home|Users|private/var)/")
 RELATIVE = 1e-4  # float32 sums in another thread count differ in the last digits
+# Numbers that rank before they sum: a deletion curve deletes tokens in attribution order and a correlation over
+# heads follows the gradients, so another CPU's float32 rounding (AVX2 against AVX-512 kernels) reorders near-ties
+# and moves them further: up to 0.3% seen for the saliency notebook's AUC and 4e-4 for its correlations.
+RANKED = {"saliency": 1e-2}
 
 
 def within(low: float, high: float) -> Callable[[str], bool]:
@@ -187,14 +191,14 @@ def figure_counts(notebook) -> list[int]:
     return counts
 
 
-def close(executed: str, saved: str) -> bool:
-    """Two printed numbers agree to ``RELATIVE``, or to one unit of their last printed digit; other text exactly."""
+def close(executed: str, saved: str, relative: float = RELATIVE) -> bool:
+    """Two printed numbers agree to ``relative``, or to one unit of their last printed digit; other text exactly."""
     try:
         a, b = float(executed), float(saved)
     except ValueError:
         return executed == saved
     digits = len(saved.partition(".")[2])
-    return abs(a - b) <= max(RELATIVE * max(abs(a), abs(b)), 1.01 * 10.0**-digits)
+    return abs(a - b) <= max(relative * max(abs(a), abs(b)), 1.01 * 10.0**-digits)
 
 
 def same_ranking(executed: list[tuple[int, int, float]], saved: list[tuple[int, int, float]]) -> bool:
@@ -244,7 +248,9 @@ def test_notebook_runs_without_errors(path: Path) -> None:
     for said, holds in RELATIONS.get(name, []):
         assert holds({key: float(value) for key, value in values.items() if re.fullmatch(NUMBER, value)}), said
     saved_values = key_values(saved, name)
-    differ = {key: (values[key], saved_values[key]) for key in values if not close(values[key], saved_values[key])}
+    relative = RANKED.get(name, RELATIVE)
+    differ = {key: (values[key], saved_values[key]) for key in values
+              if not close(values[key], saved_values[key], relative)}
     assert not differ, f"{name}: the saved notebook's key numbers are not the ones the code gives: {differ}"
 
     (layers, heads), expected = TOP_HEADS[name]

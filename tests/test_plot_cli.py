@@ -268,3 +268,46 @@ def test_an_unwritable_path_is_named_with_its_reason(results_json: Path, capsys:
 
     assert code == 2, err
     assert err.strip() == "headscope: error: cannot write /proc/headscope.pdf: No such file or directory"
+
+
+def test_a_heatmap_titles_its_colour_bar_with_the_unit_and_gives_labels_one_colour_each() -> None:
+    entropy = plotting.heatmap(HeadMap(np.linspace(0, 3, 6).reshape(2, 3), "self", "nats", unit="nats"), "e")
+    assert entropy.data[0].colorbar.title.text == "nats"
+    mass = HeadMap(np.linspace(0, 1, 6).reshape(2, 3), "self", "mass")
+    mass.metric = "sink_mass"
+    assert plotting.heatmap(mass, "m").data[0].colorbar.title.text == "sink_mass"  # no unit: the metric's name
+
+    clusters = HeadMap(np.array([[0, 1, 2], [2, 1, 0]], dtype=float), "self", "head type", notable="label")
+    trace = plotting.heatmap(clusters, "c").data[0]
+    colours = [colour for _, colour in trace.colorscale]
+    assert colours == [c for c in plotting.CATEGORICAL[:3] for _ in range(2)]  # a flat band per label
+    assert (trace.zmin, trace.zmax) == (-0.5, 2.5) and list(trace.colorbar.tickvals) == [0, 1, 2]
+
+
+def test_a_small_map_at_page_width_is_not_a_full_page() -> None:
+    figure = plotting.heatmap(HeadMap(np.random.default_rng(0).random((30, 9)), "self", "x"), "sinks: x (self)")
+    page = plotting.for_paper(figure, "page")
+    column = plotting.for_paper(figure, "column")
+
+    assert page.layout.width == 7 * 96 and page.layout.height <= round((30 * 0.15 + 1.05) * 96)  # 5.6 of 9 in
+    assert column.layout.height <= page.layout.height
+    assert plotting.for_paper(figure, "page", height=8).layout.height == 8 * 96  # an asked height is kept
+
+
+@needs_browser
+def test_pdf_embeds_its_fonts(results_json: Path, capsys: pytest.CaptureFixture) -> None:
+    out = results_json.parent / "fonts.pdf"
+    code, err = plot(capsys, str(results_json), "--metric", "entropy", "--out", str(out), "-q")
+
+    assert code == 0, err
+    data = out.read_bytes()
+    fonts = re.findall(rb"/Type\s*/FontDescriptor", data)
+    assert fonts and len(re.findall(rb"/FontFile[23]?\s", data)) == len(fonts)  # every font travels with the file
+
+
+def test_long_titles_are_wrapped_instead_of_cut() -> None:
+    title = "sinks: where attention goes (self; mean over heads, queries and layers; red: sink tokens)"
+    figure = plotting.fit_title(plotting.go.Figure(layout={"title": {"text": title}}))
+
+    lines = figure.layout.title.text.split("<br>")
+    assert len(lines) == 2 and " ".join(lines) == title and all(len(line) <= 60 for line in lines)

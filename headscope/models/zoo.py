@@ -162,9 +162,12 @@ def gguf_to_folder(gguf_path: Path, target: Path) -> Path:
 
 
 def _build_atomically(target: Path, build: Callable[[Path], object]) -> None:
+    from headscope.models.load import quiet_transformers  # (load imports this module)
+
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build(staging)
+        with quiet_transformers():  # a first load converts: no "Writing model shards" bar in the user's output
+            build(staging)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
     finally:
