@@ -244,7 +244,7 @@ def measure(context: Context, params, inputs: dict[str, torch.Tensor], hidden: S
             values["visual_sink_share"] = values["visual_sink_mass"] / values["image_mass"]
     for metric, value in values.items():
         if value is not None and not np.isnan(value).all():
-            out.maps[metric] = HeadMap(values=value, stack=STACK, description=DESCRIPTIONS[metric])
+            out.maps[metric] = HeadMap(values=value, stack=STACK, description=DESCRIPTIONS[metric], unit="share")
     out.tables["image_centric_heads"] = _centric_table(values, found, params)
     out.summary = {"image_tokens": len(positions), "image_grid": f"{grid[0]} x {grid[1]}" if known else "unknown",
                    "image_queries": int(queries.sum()),

@@ -165,7 +165,7 @@ def _overview(results: Results) -> str:
         rows.append(("attention", "; ".join(
             f"{name}: {info.get('layers')} layers x {info.get('heads')} heads" for name, info in stacks.items()
             if isinstance(info, Mapping))))
-    shown = _input_line(results)
+    shown = _input_line(results, "encoder frames" if provenance.get("inputs") == "audio" else "tokens")
     if shown:
         rows.append(("input", shown))
     table = "".join(f"<tr><th>{_e(key)}</th><td>{_e(value)}</td></tr>" for key, value in rows)
@@ -187,13 +187,13 @@ def _model_line(provenance: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _input_line(results: Results) -> str:
+def _input_line(results: Results, unit: str = "tokens") -> str:
     for result in results.values():
         source, tokens = result.summary.get("input"), result.summary.get("tokens")
         if isinstance(tokens, list) and len(tokens) == 1:
             tokens = tokens[0]
         if isinstance(source, str):
-            return source + (f", {tokens} tokens" if isinstance(tokens, int) else "")
+            return source + (f", {tokens} {unit}" if isinstance(tokens, int) else "")
     return ""
 
 
@@ -211,7 +211,7 @@ def headline(name: str, result: AnalysisResult) -> list[str]:
                          + (f" (sink score above {eps:g})" if isinstance(eps, (int, float)) else ""))
     top = summary.get("top_activation")
     if isinstance(top, Mapping) and isinstance(top.get("value"), (int, float)):
-        lines.append(f"{summary.get('massive_activations', 'some')} massive activations; the largest "
+        lines.append(f"{summary.get('massive_activations', 'some')} massive activations; the largest activation "
                      f"{_number(top['value'])} at layer {top.get('layer')}, token {top.get('token')!r}, dimension "
                      f"{top.get('dimension')}")
     metric = summary.get("main_metric")
@@ -235,8 +235,7 @@ def _banners(results: Results) -> str:
     severe, notes = [], []
     synthetic = provenance.get("model", {}).get("synthetic") if isinstance(provenance.get("model"), Mapping) else None
     if synthetic:
-        severe.append(f"Synthetic model: {synthetic}. Its numbers show how headscope works, not what a trained "
-                      "model does.")
+        severe.append(f"Synthetic model: {synthetic}")
     for note in provenance.get("notes", []) if isinstance(provenance.get("notes"), list) else []:
         if not str(note).startswith("synthetic model:"):
             notes.append(str(note))

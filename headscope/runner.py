@@ -125,7 +125,8 @@ def _views(loaded: Loaded, scope: Scope, results: Results, options: RunOptions,
            probe: Any = None) -> views.Views | None:
     """The report's linked views; a failure becomes a note and the report goes without them."""
     try:
-        return views.attention_views(loaded, scope, results, options.text, probe)
+        with quiet_transformers():  # (Whisper's views decode: no generation-config chatter in the output)
+            return views.attention_views(loaded, scope, results, options.text, probe)
     except Exception as error:  # the views must not cost the report
         options.notes.append(f"pattern views failed: {type(error).__name__}: {error}".splitlines()[0])
         return None
