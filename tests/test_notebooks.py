@@ -201,16 +201,17 @@ def close(executed: str, saved: str, relative: float = RELATIVE) -> bool:
     return abs(a - b) <= max(relative * max(abs(a), abs(b)), 1.01 * 10.0**-digits)
 
 
-def same_ranking(executed: list[tuple[int, int, float]], saved: list[tuple[int, int, float]]) -> bool:
-    """The same values in rank order (to ``RELATIVE``) and the same heads, but for heads whose values tie: a head out
+def same_ranking(executed: list[tuple[int, int, float]], saved: list[tuple[int, int, float]],
+                 relative: float = RELATIVE) -> bool:
+    """The same values in rank order (to ``relative``) and the same heads, but for heads whose values tie: a head out
     of place must hold its value elsewhere in the saved list (or sit last, where a tie may cross the cut)."""
     if len(executed) != len(saved):
         return False
     for i, ((layer, head, a), (_, _, b)) in enumerate(zip(executed, saved, strict=True)):
-        if abs(a - b) > RELATIVE * max(abs(a), abs(b), 1e-12):
+        if abs(a - b) > relative * max(abs(a), abs(b), 1e-12):
             return False
         if saved[i][:2] != (layer, head) and i < len(saved) - 1 and not any(
-                (la, ha) == (layer, head) and abs(v - a) <= RELATIVE * max(abs(a), 1e-12) for la, ha, v in saved):
+                (la, ha) == (layer, head) and abs(v - a) <= relative * max(abs(a), 1e-12) for la, ha, v in saved):
             return False
     return True
 
@@ -261,7 +262,7 @@ def test_notebook_runs_without_errors(path: Path) -> None:
         assert ranked[0][:2] in first and check(str(ranked[0][2])), f"{name}: top heads {ranked}"
     saved_lists = top_head_lists(saved)
     assert len(saved_lists) == len(lists)
-    assert all(same_ranking(a, b) for a, b in zip(lists, saved_lists, strict=True)), (lists, saved_lists)
+    assert all(same_ranking(a, b, relative) for a, b in zip(lists, saved_lists, strict=True)), (lists, saved_lists)
 
     counts = figure_counts(notebook)
     assert counts and all(counts), f"{name}: a cell that plots shows no plotly figure ({counts})"
