@@ -217,7 +217,7 @@ def _heatmap_height(figure: go.Figure, inches: float) -> float:
     rows = np.asarray(heatmaps[0].z, dtype=float)
     if rows.ndim != 2:
         return float("inf")
-    cell = (inches - 1.4) / rows.shape[1]  # the plot's width, less the axis title and the colour bar
+    cell = max(inches - 1.4, inches / 2) / rows.shape[1]  # the plot's width, less the axis title and colour bar
     margins = 0.9 + 0.15 * bool(figure.layout.title.text)
     return rows.shape[0] * min(cell, MAX_CELL_INCHES) + margins
 
@@ -304,7 +304,9 @@ class StaticSession:
                         self._stop()
                         if not last_try:
                             continue
-                    raise StaticExportError(_static_failure(fmt, error, attempt + 1)) from error
+                        # a browser that fails every time would cost every later figure its tries: give up
+                        self._unavailable = _failure(error, attempt + 1) + " earlier; not tried again this session"
+                    raise StaticExportError(f"static {fmt.upper()} export {_failure(error, attempt + 1)}") from error
         raise AssertionError("unreachable")
 
     def write(self, figure: go.Figure | dict, path: Path, fmt: str, scale: float = 1) -> Path:
@@ -349,6 +351,8 @@ class StaticSession:
         try:
             return future.result(self.timeout)
         except concurrent.futures.TimeoutError:
+            if future.done():  # a TimeoutError of the call itself (kaleido's), not of the wait
+                raise
             future.cancel()
             raise TimeoutError(f"the browser did not answer within {self.timeout:g} s") from None
 
@@ -408,12 +412,13 @@ def _no_browser_reason() -> str:
             "script does when run as root) or set BROWSER_PATH to a browser")
 
 
-def _static_failure(fmt: str, error: BaseException, tries: int) -> str:
+def _failure(error: BaseException, tries: int) -> str:
+    """What went wrong, to follow "static PNG export ": the browser's repeated failure or kaleido's own error."""
     first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
     detail = f"{type(error).__name__}: {first}" if first else type(error).__name__
     if _transient(error) or _PAGE_NOT_LOADED in str(error):
-        return f"static {fmt.upper()} export failed: the browser failed {tries} times in a row ({detail})"
-    return f"static {fmt.upper()} export failed in kaleido ({detail})"
+        return f"failed: the browser failed {tries} times in a row ({detail})"
+    return f"failed in kaleido ({detail})"
 
 
 def _unwritable(path: Path, error: OSError) -> str:

@@ -149,7 +149,7 @@ def render(results: Results, figures: Figures | None = None, views: Views | None
 {_banners(results)}
 {_overview(results)}
 {sections}
-<section id="provenance"><h2>Provenance</h2>{_pairs(results.provenance)}</section>
+<section id="provenance"><h2>Provenance</h2>{_pairs(results.provenance, rounded=False)}</section>
 {linking}
 </body>
 </html>
@@ -165,7 +165,7 @@ def _overview(results: Results) -> str:
         rows.append(("attention", "; ".join(
             f"{name}: {info.get('layers')} layers x {info.get('heads')} heads" for name, info in stacks.items()
             if isinstance(info, Mapping))))
-    shown = _input_line(results, "encoder frames" if provenance.get("inputs") == "audio" else "tokens")
+    shown = _input_line(results)
     if shown:
         rows.append(("input", shown))
     table = "".join(f"<tr><th>{_e(key)}</th><td>{_e(value)}</td></tr>" for key, value in rows)
@@ -187,7 +187,16 @@ def _model_line(provenance: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _input_line(results: Results, unit: str = "tokens") -> str:
+def _input_line(results: Results) -> str:
+    """The run's input and its length, as the runner recorded it (``provenance.input``); for results written
+    without it, the first analysis summary's ``input`` and ``tokens``."""
+    given = results.provenance.get("input")
+    if isinstance(given, Mapping) and isinstance(given.get("source"), str):
+        for key, unit in (("tokens", "tokens"), ("seconds", "s of audio")):
+            if isinstance(given.get(key), (int, float)):
+                return f"{given['source']}, {_number(given[key])} {unit}"
+        return given["source"]
+    unit = "tokens"
     for result in results.values():
         source, tokens = result.summary.get("input"), result.summary.get("tokens")
         if isinstance(tokens, list) and len(tokens) == 1:
@@ -207,7 +216,7 @@ def headline(name: str, result: AnalysisResult) -> list[str]:
     for key, value in summary.items():
         if key.startswith("sink_rate_") and isinstance(value, (int, float)):
             eps = summary.get("eps")
-            lines.append(f"{value:.0f}% of {key.removeprefix('sink_rate_')} heads are sinks"
+            lines.append(f"{value:.3g}% of {key.removeprefix('sink_rate_')} heads are sinks"
                          + (f" (sink score above {eps:g})" if isinstance(eps, (int, float)) else ""))
     top = summary.get("top_activation")
     if isinstance(top, Mapping) and isinstance(top.get("value"), (int, float)):
@@ -325,7 +334,7 @@ def _parameters(name: str, params: Mapping[str, Any], provenance: Mapping[str, A
     hidden = [key for key in params if key not in shown]
     note = (f'<p class="note">not shown: {_e(", ".join(hidden))}, which do not apply to this model (all are in '
             "results.json)</p>" if hidden else "")
-    return "<h3>Parameters</h3>" + _pairs({key: params[key] for key in shown}) + note
+    return "<h3>Parameters</h3>" + _pairs({key: params[key] for key in shown}, rounded=False) + note
 
 
 def _top_heads(result: AnalysisResult) -> str:
@@ -340,8 +349,10 @@ def _top_heads(result: AnalysisResult) -> str:
             + "".join(rows) + "</table>")
 
 
-def _pairs(mapping: Mapping[str, Any]) -> str:
-    rows = "".join(f'<tr><th>{_e(key)}</th><td class="value">{_e(_text(value))}</td></tr>'
+def _pairs(mapping: Mapping[str, Any], rounded: bool = True) -> str:
+    """A two-column table; numbers to 4 significant digits unless ``rounded`` is false (parameters and provenance
+    are shown as given: ``eps = 0.12345`` is what ran)."""
+    rows = "".join(f'<tr><th>{_e(key)}</th><td class="value">{_e(_text(value) if rounded else _given(value))}</td></tr>'
                    for key, value in mapping.items())
     return f'<div class="scroll"><table>{rows}</table></div>'
 
@@ -364,6 +375,15 @@ def _number(value: Any) -> str:
     if value == int(value) and abs(value) < 1e15:
         return str(int(value))
     return f"{value:.4g}"
+
+
+def _given(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    try:
+        return json.dumps(to_jsonable(value), ensure_ascii=False)
+    except TypeError:
+        return str(value)
 
 
 def _text(value: Any) -> str:

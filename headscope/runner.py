@@ -85,10 +85,13 @@ def analyze(options: RunOptions, progress: Callable[[str], None] = lambda messag
     probe = probe_inputs.build(loaded, options.text, options.input_path, options.max_tokens)  # bad input fails here
     if probe.cut_from is not None and (options.text is not None or options.input_path is not None):
         # (the shipped probe cut to a short context is the default's design; the user's own text is a caveat)
-        why = f"--max-tokens {options.max_tokens}" if options.max_tokens is not None else "the model's context"
+        context = loaded.info.max_tokens
+        why = (f"the model's context of {context}" if context is not None and context < (options.max_tokens or 0)
+               else f"--max-tokens {options.max_tokens}")
         options.notes.append(f"truncated input: the {probe.source} was cut to its first {len(probe.tokens)} of "
                              f"{probe.cut_from} tokens to fit {why}")
     results = Results(provenance=provenance(loaded, options, probe.digest))
+    results.provenance["input"] = _input_record(probe)
     kept = _resumable(previous, results, chosen, out / "results.json", options) if options.resume else {}
     if distributed.is_main():
         _remove_leftovers(out)
@@ -260,6 +263,13 @@ def provenance(loaded: Loaded, options: RunOptions, input_digest: str) -> dict:
         "command": " ".join(sys.argv),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _input_record(probe: Any) -> dict[str, Any]:
+    """What the run read: its source and its length (tokens, or seconds of audio)."""
+    if getattr(probe, "waveform", None) is not None:
+        return {"source": probe.source, "seconds": round(len(probe.waveform) / 16000, 2)}
+    return {"source": probe.source, "tokens": len(probe.tokens)}
 
 
 def input_kind(loaded: Loaded) -> str:

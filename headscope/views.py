@@ -3,7 +3,8 @@
 After the analyses, a forward pass keeps the full query x key attention map of the top ``TOP_PER_MAP`` heads of
 every map (``FullMaps``, at most ``MAX_HEADS`` heads), on the probe each map was measured on:
 - the patterns analysis's induction, previous- and duplicate-token maps: its first repeated random-token
-  sequence ([BOS] + r + r, the same tokens the scores came from), so an induction head is seen inducting;
+  sequence ([BOS] + r + r, the same tokens the scores came from; r cut to ``REPEATED_LENGTH``), so an induction
+  head is seen inducting;
 - every other map of a text model: the first ``VIEW_TOKENS`` tokens of the run's text (the shipped prose by
   default);
 - a speech model (Whisper): the decoder's self-attention over its transcript, and its cross-attention over the
@@ -35,6 +36,8 @@ TOP_PER_MAP = 3
 MAX_HEADS = 48
 DECODED_TOKENS = 16
 SPEECH_TOKENS = 48
+REPEATED_LENGTH = 64
+"""The repeated view's r is at most this long (the analysis's r, cut): its maps grow with the square of it."""
 FRAME_SECONDS = 0.02  # Whisper's encoder: one position per 20 ms of audio
 REPEATED_METRICS = ("induction", "previous_token", "duplicate_token")
 """The maps of the ``patterns`` analysis measured on its repeated random-token probe."""
@@ -96,8 +99,11 @@ def attention_views(loaded: Loaded, scope: Scope, results: Results, text: str | 
     views = Views()
     routes = {f"patterns/{metric}": "repeated" for metric in REPEATED_METRICS}
     if info.kind in ("decoder", "encoder") and "patterns" in results and results["patterns"].status == "ok":
-        _repeated_views(loaded, scope, results, set(routes), views)
-        views.routes.update(routes)
+        try:
+            _repeated_views(loaded, scope, results, set(routes), views)
+            views.routes.update(routes)
+        except Exception as error:  # the prose views are still worth having
+            views.notes["repeated"] = f"no repeated-token views: {type(error).__name__}: {error}".splitlines()[0]
     _text_views(loaded, scope, results, text, set(views.routes), views)
     return views
 
@@ -131,12 +137,14 @@ def _repeated_views(loaded: Loaded, scope: Scope, results: Results, routes: set[
     params = results["patterns"].params
     stack = params.get("stack", "self")
     vocab = getattr(model.config.get_text_config(), "vocab_size", None)
-    probe = repeated_probe.build(tokenizer, int(params.get("length", repeated_probe.DEFAULT_LENGTH)), 1,
-                                 int(params.get("seed", 0)), info.max_tokens, vocab)
+    length = min(int(params.get("length", repeated_probe.DEFAULT_LENGTH)), REPEATED_LENGTH)
+    probe = repeated_probe.build(tokenizer, length, 1, int(params.get("seed", 0)), info.max_tokens, vocab)
     heads = top_heads(results, {stack}, only=routes)
     tokens = probe_text.readable(tokenizer, probe.input_ids[0].tolist())
     views.notes["repeated"] = (f"on the first repeated random-token sequence of patterns ([BOS] + r + r, "
-                               f"{probe.tokens} tokens), where these scores were measured")
+                               f"{probe.tokens} tokens), where these scores were measured"
+                               + ("" if probe.length == int(params.get("length", probe.length)) else
+                                  f"; r cut to its first {probe.length} tokens"))
     if heads:
         inputs = {"input_ids": probe.input_ids.to(model.device),
                   "attention_mask": probe.attention_mask.to(model.device)}
@@ -151,7 +159,8 @@ def _speech_views(loaded: Loaded, scope: Scope, results: Results, probe: Any) ->
     decoded = decoding.own_output(model, inputs, SPEECH_TOKENS)
     inputs["decoder_input_ids"] = decoded.sequence
     target = probe_text.readable(tokenizer, decoded.sequence[0].tolist())
-    frames = max(1, math.ceil(len(probe.waveform) / 16000 / FRAME_SECONDS))
+    window = getattr(model.config, "max_source_positions", 1500)  # Whisper hears at most 30 s
+    frames = min(window, max(1, math.ceil(len(probe.waveform) / 16000 / FRAME_SECONDS)))
     times = [f"{index * FRAME_SECONDS:.2f} s" for index in range(frames)]
     labels = {"decoder": (target, target), "cross": (target, times)}
     heads = top_heads(results, set(labels))

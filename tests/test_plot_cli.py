@@ -207,6 +207,13 @@ def test_a_browser_that_dies_is_replaced_and_one_that_keeps_dying_is_named(fake_
     assert failed == {tmp_path / "f.pdf": "static PDF export failed: the browser failed 4 times in a row "
                                           "(BrowserClosedError: browser closed)"}
 
+    started = len(FakeKaleido.started)  # a browser that fails every time: later figures are not tried at all
+    with pytest.raises(plotting.StaticExportError, match=r"^static PNG export failed: the browser failed 4 times in "
+                                                         r"a row \(BrowserClosedError: browser closed\) earlier; not "
+                                                         r"tried again this session$"):
+        fake_kaleido.image(a_figure(), "png")
+    assert len(FakeKaleido.started) == started
+
 
 def test_a_browser_that_hangs_is_given_up_after_the_timeout_and_replaced(fake_kaleido: plotting.StaticSession) -> None:
     FakeKaleido.script = ["hang"]
@@ -292,6 +299,8 @@ def test_a_small_map_at_page_width_is_not_a_full_page() -> None:
     assert page.layout.width == 7 * 96 and page.layout.height <= round((30 * 0.15 + 1.05) * 96)  # 5.6 of 9 in
     assert column.layout.height <= page.layout.height
     assert plotting.for_paper(figure, "page", height=8).layout.height == 8 * 96  # an asked height is kept
+    narrow = plotting.for_paper(figure, 1.0)  # the narrowest widths still get rows
+    assert narrow.layout.width == 96 and narrow.layout.height > 30
 
 
 @needs_browser

@@ -200,7 +200,7 @@ def test_the_overview_gives_the_model_the_input_and_each_analysis_headline(run_r
 
     assert "/models/tiny, LlamaForCausalLM, decoder" in overview
     assert "self: 2 layers x 4 heads" in overview and "user text, 12 tokens" in overview
-    assert "47% of self heads are sinks (sink score above 0.3)" in overview
+    assert "47.4% of self heads are sinks (sink score above 0.3)" in overview
     assert ("19 massive activations; the largest activation 2.255e+04 at layer 11, token &#x27;The&#x27;, dimension "
             "507") in overview
     assert "top sink_score head (self) 1.3 = 1 (median 0.5714)" in overview
@@ -236,6 +236,7 @@ def test_only_the_parameters_that_apply_to_the_model_are_listed(run_results: Res
     parameters = section.split("<h3>Parameters</h3>")[1]
 
     assert "<th>eps</th>" in parameters and "<th>top_k</th>" in parameters
+    assert '<th>eps</th><td class="value">0.3</td>' in parameters  # as given, never rounded
     assert "<th>silence_db</th>" not in parameters and "<th>visual_tau</th>" not in parameters
     assert "not shown: silence_db, visual_tau, which do not apply to this model" in parameters
 
