@@ -182,8 +182,7 @@ def _overview(results: Results) -> str:
 
 def _model_line(provenance: Mapping[str, Any]) -> str:
     parts = [_model_name(provenance.get("model"))]
-    parts += [str(provenance[key]) for key in ("architecture", "kind") if provenance.get(key)]
-    parts += [f"{provenance[key]}" for key in ("dtype", "device") if provenance.get(key)]
+    parts += [str(provenance[key]) for key in ("architecture", "kind", "dtype", "device") if provenance.get(key)]
     return ", ".join(parts)
 
 
@@ -194,15 +193,16 @@ def _input_line(results: Results) -> str:
     if isinstance(given, Mapping) and isinstance(given.get("source"), str):
         for key, unit in (("tokens", "tokens"), ("seconds", "s of audio")):
             if isinstance(given.get(key), (int, float)):
-                return f"{given['source']}, {_number(given[key])} {unit}"
+                cut = (f" (cut from {given['cut_from']} to fit)" if isinstance(given.get("cut_from"), int)
+                       else "")
+                return f"{given['source']}, {_number(given[key])} {unit}{cut}"
         return given["source"]
-    unit = "tokens"
     for result in results.values():
         source, tokens = result.summary.get("input"), result.summary.get("tokens")
         if isinstance(tokens, list) and len(tokens) == 1:
             tokens = tokens[0]
         if isinstance(source, str):
-            return source + (f", {tokens} {unit}" if isinstance(tokens, int) else "")
+            return source + (f", {tokens} tokens" if isinstance(tokens, int) else "")
     return ""
 
 
@@ -330,7 +330,9 @@ def _parameters(name: str, params: Mapping[str, Any], provenance: Mapping[str, A
         cls = registry.get(name).params
     shown = list(params)
     if cls is not None and hasattr(cls, "applicable"):
-        shown = cls.applicable(params, provenance.get("kind"), provenance.get("inputs"))
+        given = provenance.get("input")
+        reads = given.get("kind") if isinstance(given, Mapping) else None
+        shown = cls.applicable(params, provenance.get("kind"), reads)
     hidden = [key for key in params if key not in shown]
     note = (f'<p class="note">not shown: {_e(", ".join(hidden))}, which do not apply to this model (all are in '
             "results.json)</p>" if hidden else "")

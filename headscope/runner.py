@@ -91,7 +91,7 @@ def analyze(options: RunOptions, progress: Callable[[str], None] = lambda messag
         options.notes.append(f"truncated input: the {probe.source} was cut to its first {len(probe.tokens)} of "
                              f"{probe.cut_from} tokens to fit {why}")
     results = Results(provenance=provenance(loaded, options, probe.digest))
-    results.provenance["input"] = _input_record(probe)
+    results.provenance["input"] = {"kind": input_kind(loaded), **_input_record(probe)}
     kept = _resumable(previous, results, chosen, out / "results.json", options) if options.resume else {}
     if distributed.is_main():
         _remove_leftovers(out)
@@ -129,10 +129,12 @@ def _views(loaded: Loaded, scope: Scope, results: Results, options: RunOptions,
     """The report's linked views; a failure becomes a note and the report goes without them."""
     try:
         with quiet_transformers():  # (Whisper's views decode: no generation-config chatter in the output)
-            return views.attention_views(loaded, scope, results, options.text, probe)
+            shown = views.attention_views(loaded, scope, results, options.text, probe)
     except Exception as error:  # the views must not cost the report
         options.notes.append(f"pattern views failed: {type(error).__name__}: {error}".splitlines()[0])
         return None
+    options.notes += [f"pattern views: {note}" for note in shown.notes.values() if note.startswith("no ")]
+    return shown
 
 
 def run_analysis(analysis: Analysis, loaded: Loaded, scope: Scope, text: str | None = None,
@@ -246,7 +248,6 @@ def provenance(loaded: Loaded, options: RunOptions, input_digest: str) -> dict:
         "architecture": loaded.info.architecture,
         "model_type": loaded.info.model_type,
         "kind": loaded.info.kind,
-        "inputs": input_kind(loaded),
         "stacks": {name: stack.as_dict() for name, stack in loaded.info.stacks.items()},
         "dtype": options.dtype,
         "device": options.device,
@@ -266,10 +267,14 @@ def provenance(loaded: Loaded, options: RunOptions, input_digest: str) -> dict:
 
 
 def _input_record(probe: Any) -> dict[str, Any]:
-    """What the run read: its source and its length (tokens, or seconds of audio)."""
+    """What the run read: its source and its length (tokens, or seconds of audio), and the text's whole length
+    when it was cut to fit (``cut_from``)."""
     if getattr(probe, "waveform", None) is not None:
         return {"source": probe.source, "seconds": round(len(probe.waveform) / 16000, 2)}
-    return {"source": probe.source, "tokens": len(probe.tokens)}
+    record = {"source": probe.source, "tokens": len(probe.tokens)}
+    if probe.cut_from is not None:
+        record["cut_from"] = probe.cut_from
+    return record
 
 
 def input_kind(loaded: Loaded) -> str:

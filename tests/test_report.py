@@ -79,6 +79,32 @@ def test_analyze_writes_the_report(tmp_path: Path, tiny_llama_dir: Path) -> None
     assert '<section class="analysis" id="analysis-summary">' in page
     assert page.count('class="figure"') == 2  # one heatmap per map
     assert str(tiny_llama_dir.resolve()) in page and "wall_seconds" in page
+    recorded = Results.load(out / "results.json").provenance["input"]
+    assert recorded["kind"] == "text" and recorded["tokens"] == 64 < recorded["cut_from"]  # cut to the context
+    assert f"shipped prose (probes/data/prose.txt), 64 tokens (cut from {recorded['cut_from']} to fit)" in page
+
+
+def test_views_that_fail_on_one_probe_keep_the_others_and_say_so(tmp_path: Path, tiny_llama_dir: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    from headscope import views
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("deliberate view failure")
+
+    monkeypatch.setattr(views, "_repeated_views", broken)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert run_cli("analyze", str(tiny_llama_dir), "-a", "patterns", "--out", str(out), "--figures", "none",
+                   "-q") == 0
+
+    note = "pattern views: no repeated-token views: RuntimeError: deliberate view failure"
+    assert f"note: {note}" in capsys.readouterr().err.splitlines()
+    assert note in Results.load(out / "results.json").provenance["notes"]
+    page = (out / "report.html").read_text(encoding="utf-8")
+    data = json.loads(page.split('id="headscope-views">')[1].split("</script>")[0])
+    assert data["maps"] and not any(name.startswith("repeated/") for name in data["maps"])  # the prose views stay
+    assert 'data-probe="repeated"' not in page
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary")
@@ -187,7 +213,8 @@ def run_results() -> Results:
     sinks.add_map("sink_score", HeadMap(values, "self", "alpha", unit="share"))
     return Results({"sinks": sinks}, {
         "model": {"type": "local", "path": "/models/tiny", "synthetic": "random weights, built from a config"},
-        "architecture": "LlamaForCausalLM", "kind": "decoder", "inputs": "text",
+        "architecture": "LlamaForCausalLM", "kind": "decoder",
+        "input": {"kind": "text", "source": "user text", "tokens": 12},
         "stacks": {"self": {"name": "self", "layers": 2, "heads": 4}},
         "notes": ["synthetic model: random weights, built from a config",
                   "truncated input: the user text was cut to its first 12 of 40 tokens to fit --max-tokens 12",
@@ -341,3 +368,6 @@ def test_whisper_cross_attention_is_viewed_over_the_clips_time(tmp_path: Path) -
     shown = [name for name in data["maps"] if name.startswith("cross:")]
     assert shown and all(len(data["maps"][name][0]) == frames for name in shown)
     assert not any(name.startswith("encoder:") for name in data["maps"])  # frames x frames: too large for a page
+    assert Results.load(tmp_path / "results.json").provenance["input"]["kind"] == "audio"
+    parameters = page.split('id="analysis-sinks"')[1].split("<h3>Parameters</h3>")[1]
+    assert "<th>silence_db</th>" in parameters and "<th>visual_tau</th>" not in parameters  # audio's apply
