@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from headscope.capture.reducers import Chunk, KeyMass, Reducer
+from headscope.capture.reducers import Chunk, KernelCall, KeyMass, Reducer
 
 
 def _real_queries(chunk: Chunk) -> torch.Tensor:
@@ -51,8 +51,15 @@ class SinkMass(KeyMass):
 
     def update(self, chunk: Chunk) -> None:
         in_set = self._in_set(chunk)
-        mass = self._mass(chunk, in_set)
-        weight = self._sees(chunk, in_set).to(mass.dtype) * _real_queries(chunk)[:, None, :]
+        self._add_seen(chunk, in_set, self._mass(chunk, in_set), self._sees(chunk, in_set))
+
+    def update_kernel(self, call: KernelCall) -> None:
+        in_set = self._in_set(call)
+        self._add_seen(call, in_set, *call.mass_on(in_set))
+
+    def _add_seen(self, chunk: Chunk | KernelCall, in_set: torch.Tensor, mass: torch.Tensor,
+                  sees: torch.Tensor) -> None:
+        weight = sees.to(mass.dtype) * chunk.query_valid.to(mass.dtype)[:, None, :]
         if self.exclude_own and chunk.query_position is not None:
             own = in_set.gather(1, chunk.query_position.clamp_max(in_set.shape[1] - 1)[None, :]
                                 .expand(in_set.shape[0], -1))
@@ -77,6 +84,11 @@ class ResidualMass(Reducer):
     """
 
     name = "residual_mass"
+    kernel = True  # the kernel path serves only calls without a learned sink: rows sum to 1, the residual is 0
+
+    def update_kernel(self, call: KernelCall) -> None:
+        weight = call.query_valid.double()
+        self.add(call.site, torch.zeros(call.lse.shape[1], dtype=torch.float64, device=weight.device), weight.sum())
 
     def update(self, chunk: Chunk) -> None:
         residual = 1.0 - chunk.probs.sum(dim=-1, dtype=torch.float64)  # (B, H, C)

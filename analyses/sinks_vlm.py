@@ -31,7 +31,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from headscope.capture.reducers import Chunk, Reducer
+from headscope.capture.reducers import Chunk, KernelCall, Reducer
 from headscope.errors import HeadscopeError
 from headscope.probes import images
 from headscope.registry import Context
@@ -140,6 +140,7 @@ class LayerKeyMass(Reducer):
     """
 
     name = "layer_key_mass"
+    kernel = True
 
     def __init__(self, key_masks: dict[int, torch.Tensor], query_mask: torch.Tensor, stacks=(STACK,)) -> None:
         super().__init__(stacks)
@@ -165,6 +166,25 @@ class LayerKeyMass(Reducer):
             probs, rows = found
             self.add(chunk.site, self._on(probs, keys).sum(dim=-1), float(rows.sum()))
 
+    def _kernel_rows(self, call: KernelCall) -> torch.Tensor | None:
+        """The call's counted query rows (queries,) bool, as :meth:`_rows`; None when none count."""
+        if call.lse.shape[0] != 1:
+            raise ValueError("image attention is measured one input at a time (batch 1)")
+        rows = self.query_mask.to(call.lse.device)[call.query_index] & call.query_valid[0]
+        return rows if bool(rows.any()) else None
+
+    @staticmethod
+    def _kernel_on(call: KernelCall, keys: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """(heads, counted queries) mass on the (keys,) bool set, from the kernel's row log-sum-exp."""
+        in_set = keys.to(call.lse.device)[None, : call.keys]
+        return call.mass_on(in_set)[0][0][:, rows]
+
+    def update_kernel(self, call: KernelCall) -> None:
+        keys = self.key_masks.get(call.site.layer)
+        rows = self._kernel_rows(call) if keys is not None else None
+        if rows is not None:
+            self.add(call.site, self._kernel_on(call, keys, rows).sum(dim=-1), float(rows.sum()))
+
 
 class CentricShare(LayerKeyMass):
     """Share of the queries Q at which a head meets the image-centric rule (per query, as the authors' code
@@ -185,9 +205,18 @@ class CentricShare(LayerKeyMass):
         found = self._rows(chunk) if keys is not None else None
         if found is not None:
             probs, rows = found
-            image, sink = self._on(probs, self.image_mask), self._on(probs, keys)
-            meets = (sink <= self.ratio * image) & (image >= self.mass) & (image > 0)
-            self.add(chunk.site, meets.double().sum(dim=-1), float(rows.sum()))
+            self._add_meets(chunk.site, self._on(probs, self.image_mask), self._on(probs, keys), rows)
+
+    def update_kernel(self, call: KernelCall) -> None:
+        keys = self.key_masks.get(call.site.layer)
+        rows = self._kernel_rows(call) if keys is not None else None
+        if rows is not None:
+            self._add_meets(call.site, self._kernel_on(call, self.image_mask, rows), self._kernel_on(call, keys, rows),
+                            rows)
+
+    def _add_meets(self, site, image: torch.Tensor, sink: torch.Tensor, rows: torch.Tensor) -> None:
+        meets = (sink <= self.ratio * image) & (image >= self.mass) & (image > 0)
+        self.add(site, meets.double().sum(dim=-1), float(rows.sum()))
 
 
 # --- the measurement ------------------------------------------------------------------------------------------

@@ -18,7 +18,14 @@ Methods:
                eager attention forced), each layer's ``hook_pattern`` reduced inside its hook under
                ``run_with_hooks``. Runs in ``benchmarks/.tl-venv`` (its own: TransformerLens pins what nnsight and
                inseq conflict with).
-    headscope  ``Scope(model).capture(KeyMass(), Entropy())`` around one forward.
+    headscope  ``Scope(model).capture(KeyMass(), Entropy())`` around one forward: the kernel path (the fused
+               attention kernel and its row log-sum-exp; entropy takes one more kernel call).
+    headscope-chunked
+               the same statistics on the chunked path (``path="chunked"``): query chunks of eager-exact
+               probabilities.
+    headscope-sinks
+               the sinks analysis's statistics on the kernel path: mass on the first token and the sink score
+               (``KeyMass(positions=(0,))``, ``SinkMass(positions=(0,), exclude_own=False)``); no entropy.
 
 Memory: on CPU the peak resident set of the worker process during the forward (``ru_maxrss``, whose
 high-water mark is reset through ``/proc/self/clear_refs`` just before each timed forward, so neither
@@ -64,9 +71,9 @@ TL_PYTHON = BENCH / ".tl-venv" / "bin" / "python"
 DOCS = ROOT / "docs" / "performance.md"
 RESULTS = BENCH / "results"
 
-METHODS = ("sdpa", "eager", "nnsight", "transformerlens", "headscope")
-STAT_METHODS = ("eager", "nnsight", "transformerlens", "headscope")
-DEFAULT_LENGTHS = (512, 2048, 4096, 8192)
+METHODS = ("sdpa", "eager", "nnsight", "transformerlens", "headscope", "headscope-chunked", "headscope-sinks")
+STAT_METHODS = ("eager", "nnsight", "transformerlens", "headscope", "headscope-chunked", "headscope-sinks")
+DEFAULT_LENGTHS = (512, 2048, 4096, 8192, 16384)
 SMOKE_LENGTHS = (32, 64)
 SMOKE_MODEL = "tiny-llama"
 WARMUP_TOKENS = 16
@@ -234,18 +241,35 @@ def _runner(method: str, model, spec: dict[str, Any]):
             return torch.stack(masses), torch.stack(entropies)
 
         return run
-    if method == "headscope":
+    if method in ("headscope", "headscope-chunked"):
         from headscope.capture.engine import Scope
         from headscope.capture.reducers import Entropy, KeyMass
 
         scope = Scope(model)
+        path = "chunked" if method == "headscope-chunked" else "auto"
 
         def run(ids):
             mass, entropy = KeyMass(positions=(0,)), Entropy()
-            with scope.capture(mass, entropy):
+            with scope.capture(mass, entropy, path=path):
                 model(input_ids=ids)
             return torch.from_numpy(mass.result()["self"]), torch.from_numpy(entropy.result()["self"])
 
+        run.scope = scope
+        return run
+    if method == "headscope-sinks":
+        from headscope.analyses.sink_reducers import SinkMass
+        from headscope.capture.engine import Scope
+        from headscope.capture.reducers import KeyMass
+
+        scope = Scope(model)
+
+        def run(ids):
+            mass, score = KeyMass(positions=(0,)), SinkMass(positions=(0,), exclude_own=False)
+            with scope.capture(mass, score):
+                model(input_ids=ids)
+            return torch.from_numpy(mass.result()["self"]), None
+
+        run.scope = scope
         return run
     if method == "transformerlens":
         bridge = _bridge(model, spec)
@@ -304,7 +328,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             increases.append(max(0, peak - before))  # RSS counters are batched: never below 0
     result: dict[str, Any] = {
         "times_s": times,
-        "time_s": statistics.median(times),
+        "time_s": min(times),  # the least disturbed of the repeats
         "peak_bytes": max(peaks),
         # The first timed forward's: after it, memory the allocator keeps for reuse counts as "before".
         "increase_bytes": increases[0],
@@ -328,7 +352,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     if stats is not None:
         mass, entropy = stats
         result["mass"] = mass.double().cpu().tolist()
-        result["entropy"] = entropy.double().cpu().tolist()
+        if entropy is not None:
+            result["entropy"] = entropy.double().cpu().tolist()
+    if getattr(run, "scope", None) is not None:  # which attention path each call took (calls per path)
+        result["paths"] = dict(run.scope.paths)
     return result
 
 
@@ -429,8 +456,10 @@ def estimate_bytes(method: str, tokens: int, shape: dict[str, Any], cuda: bool) 
         return base + 4 * one_map + t * t * 4
     if method == "transformerlens":  # as nnsight, plus the hooked scores and pattern the bridge keeps alive
         return base + 6 * one_map + t * t * 4
-    if method == "headscope":  # query chunks within the engine's budget (256 MiB by default)
+    if method == "headscope-chunked":  # query chunks within the engine's budget (256 MiB by default)
         return base + int(0.5 * GIB) + t * t
+    if method in ("headscope", "headscope-sinks"):  # the kernel, O(T d) terms, and the float32 keys' copy
+        return base + int(0.1 * GIB) + t * t
     raise ValueError(method)
 
 
@@ -506,12 +535,12 @@ def compare(cells: list[dict[str, Any]]) -> list[str]:
         others = [m for m in ran if m != reference]
         for method in others:
             cell, ref = ran[method], ran[reference]
-            diffs = [float(np.max(np.abs(np.asarray(cell[k]) - np.asarray(ref[k])))) for k in ("mass", "entropy")]
-            cell.update(reference=reference, max_abs_diff={"mass": diffs[0], "entropy": diffs[1]},
-                        agrees=max(diffs) <= TOLERANCE)
+            diffs = {k: float(np.max(np.abs(np.asarray(cell[k]) - np.asarray(ref[k]))))
+                     for k in ("mass", "entropy") if k in cell and k in ref}
+            cell.update(reference=reference, max_abs_diff=diffs, agrees=max(diffs.values()) <= TOLERANCE)
             verdict = "ok" if cell["agrees"] else f"MISMATCH (> {TOLERANCE:g})"
-            lines.append(f"  {method:>9} @ {tokens:>5} tokens vs {reference}: max abs diff mass {diffs[0]:.1e}, "
-                         f"entropy {diffs[1]:.1e}: {verdict}")
+            measured = ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
+            lines.append(f"  {method:>9} @ {tokens:>5} tokens vs {reference}: max abs diff {measured}: {verdict}")
         if reference is not None:
             ran[reference].update(reference=reference, max_abs_diff=None,
                                   agrees=all(ran[m]["agrees"] for m in others) if others else None)
@@ -561,7 +590,7 @@ def render(report: dict[str, Any]) -> str:
         f"load average {run['load_average']} at the start.",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v) + ".",
         f"- Model `{run['model']}` ({run['shape']['layers']} layers x {run['shape']['heads']} heads), float32, "
-        f"batch 1; median of {run['repeats_note']}; warm-up forward of {WARMUP_TOKENS} tokens excluded.",
+        f"batch 1; the fastest of {run['repeats_note']}; warm-up forward of {WARMUP_TOKENS} tokens excluded.",
         f"- Memory: {'peak `torch.cuda.max_memory_allocated`' if run['cuda'] else 'peak RSS of the process'} "
         "during the forward (\"peak\") and its increase over the value just before it (\"added\").",
         "",
@@ -596,7 +625,35 @@ def render(report: dict[str, Any]) -> str:
                 f"{_ratio(cell['peak_bytes'], floor and floor['peak_bytes'])} | {_gb(cell['increase_bytes'])} | "
                 f"{diff_text} | {'; '.join(notes)} |"
             )
+    lines += ["", *growth_lines(cells, run["methods"], run["lengths"])]
     return "\n".join(lines) + "\n"
+
+
+def growth(cells: list[dict[str, Any]], method: str, key: str = "time_s", lengths: list[int] | None = None,
+           ) -> float | None:
+    """The exponent k of ``key`` ~ tokens^k: the least-squares slope of log ``key`` on log tokens over the cells of
+    ``method`` that ran (of ``lengths`` only, when given); None with fewer than two."""
+    points = [(math.log(c["tokens"]), math.log(c[key])) for c in cells
+              if c["method"] == method and c.get("status") == "ok" and c.get(key)
+              and (lengths is None or c["tokens"] in lengths)]
+    if len(points) < 2:
+        return None
+    mean_x = sum(x for x, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    spread = sum((x - mean_x) ** 2 for x, _ in points)
+    return sum((x - mean_x) * (y - mean_y) for x, y in points) / spread if spread else None
+
+
+def growth_lines(cells: list[dict[str, Any]], methods: list[str], lengths: list[int]) -> list[str]:
+    """One line of growth exponents, over all lengths and over the longest three."""
+    longest = sorted(lengths)[-3:]
+    parts = []
+    for method in methods:
+        overall, tail = growth(cells, method, lengths=lengths), growth(cells, method, lengths=longest)
+        if overall is not None:
+            parts.append(f"{method} {overall:.2f}" + (f" ({tail:.2f} over {', '.join(map(str, longest))})"
+                                                      if tail is not None and len(lengths) > 3 else ""))
+    return [f"Growth exponent k of time ~ T^k (least squares over the lengths): {'; '.join(parts)}."] if parts else []
 
 
 def write_docs(path: Path, block: str, start: str = MARK_START, end: str = MARK_END) -> None:
@@ -623,7 +680,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=lambda v: _csv(v, int), help="token counts (default 512,2048,4096,8192)")
     parser.add_argument("--methods", type=_csv, help=f"methods to run (default all: {','.join(METHODS)})")
-    parser.add_argument("--repeats", type=int, help="timed forwards per cell (default 3, and 1 at 8192+ tokens)")
+    parser.add_argument("--repeats", type=int, help="timed forwards per cell (default 3; the fastest counts)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--model", default="smollm2-135m", help="packaged alias or model folder")
     parser.add_argument("--threads", type=int, default=_cores(), help="torch threads (default: the cores)")
@@ -686,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
     cells: list[dict[str, Any]] = []
     jobs = max(1, args.jobs)
     for tokens in args.lengths:
-        repeats = args.repeats or (1 if tokens >= 8192 else 3)
+        repeats = args.repeats or 3
         pending = []
         for method in args.methods:
             cell: dict[str, Any] = {"method": method, "tokens": tokens, "repeats": repeats}
@@ -736,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": command,
             "model": args.model, "shape": shape, "lengths": args.lengths, "methods": args.methods,
             "threads": args.threads, "device": args.device, "cuda": cuda, "load_average": load_average,
-            "repeats_note": f"{args.repeats} run(s)" if args.repeats else "3 runs (1 at 8192 tokens)",
+            "repeats_note": f"{args.repeats} run(s)" if args.repeats else "3 runs",
             "tolerance": TOLERANCE, "warmup_tokens": WARMUP_TOKENS,
         },
         "cells": cells,

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import subprocess
 import sys
 import tempfile
@@ -40,18 +39,6 @@ def _run(script: str, arguments: list[str], timeout: float) -> None:
     done = subprocess.run(command, cwd=BENCH.parent, timeout=timeout, check=False)
     if done.returncode != 0:
         raise SystemExit(f"suite: {script} failed with exit {done.returncode}")
-
-
-def growth(cells: list[dict[str, Any]], method: str, key: str) -> float | None:
-    """The exponent b of ``key`` ~ tokens^b, least squares over the method's measured lengths (2 or more)."""
-    points = [(math.log(c["tokens"]), math.log(c[key])) for c in cells
-              if c["method"] == method and c.get("status") == "ok" and c.get(key)]
-    if len(points) < 2:
-        return None
-    mean_x = sum(x for x, _ in points) / len(points)
-    mean_y = sum(y for _, y in points) / len(points)
-    spread = sum((x - mean_x) ** 2 for x, _ in points)
-    return sum((x - mean_x) * (y - mean_y) for x, y in points) / spread if spread else None
 
 
 def _cell(cells: list[dict[str, Any]], method: str, tokens: int) -> dict[str, Any] | None:
@@ -189,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": capture.machine_info(args.device, cells),
         "capture": {"run": capture_report["run"], "json": str(capture_json)},
         "targets": targets(capture_report, retrieval_report, importance_report, args.device.startswith("cuda")),
-        "growth": {method: {key: growth(cells, method, key) for key in ("time_s", "peak_bytes", "increase_bytes")}
+        "growth": {method: {key: capture.growth(cells, method, key)
+                            for key in ("time_s", "peak_bytes", "increase_bytes")}
                    for method in capture_report["run"]["methods"]},
         "retrieval": retrieval_report,
         "importance": importance_report,

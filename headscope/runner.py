@@ -8,6 +8,7 @@ analyses of an interrupted run when model, input, options, versions and paramete
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 import platform
@@ -101,8 +102,12 @@ def analyze(options: RunOptions, progress: Callable[[str], None] = lambda messag
             results.add(kept[analysis.name])
             continue
         progress(f"running {analysis.name}")
+        before = collections.Counter(scope.paths)
         result = run_analysis(analysis, loaded, scope, options.text, options.input_path, options.max_tokens,
                               options.seed, options.params.get(analysis.name, {}), probe=probe)
+        taken = scope.paths - before
+        if taken:  # which attention path computed this analysis's statistics, and why any call was chunked
+            results.provenance.setdefault("capture_paths", {})[analysis.name] = dict(sorted(taken.items()))
         if loaded.info.source.get("synthetic") and result.status == "ok":
             result.summary.setdefault("synthetic_model", loaded.info.source["synthetic"])
         results.add(result)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from headscope.capture.reducers import Reducer
 from headscope.models.cache import cache_kwargs, output_cache
 
 
@@ -151,7 +152,8 @@ def assert_matches_eager(got: Any, want: Any, exact: Any, err_msg: str = "", flo
     np.testing.assert_allclose(got, exact, rtol=0, atol=float32_tolerance(want, exact, floor), err_msg=err_msg)
 
 
-def assert_exact(got: Any, statistic: Callable[..., Any], *args: Any, err_msg: str = "", **kwargs: Any) -> None:
+def assert_exact(got: Any, statistic: Callable[..., Any], *args: Any, err_msg: str = "", floor: float = 0.0,
+                 **kwargs: Any) -> None:
     """``got`` equals ``statistic(*args, **kwargs)`` of eager attention (``args`` holding :class:`LayerAttention`
     references, alone or in lists and dicts), to the float32 tolerance of that statistic: it is computed on the
     float32 maps and on the exact ones (:func:`in_float64`).
@@ -159,9 +161,40 @@ def assert_exact(got: Any, statistic: Callable[..., Any], *args: Any, err_msg: s
     A statistic that averages many probabilities can land, by cancellation, much nearer the exact value in eager
     float32 than its worst term: the floor of the tolerance is then the maps' own largest float32 error (a mean of
     shares is never further off than its worst share), so that a summation in another order (headscope's chunks,
-    another CPU's kernels) is not held to eager's lucky cancellation."""
+    another CPU's kernels) is not held to eager's lucky cancellation. ``floor`` raises it further, for a
+    computation whose own float32 error is known to be larger (:func:`kernel_entropy_floor`)."""
+    shares = _map_error([args, kwargs]) if _shares(statistic) else 0.0
     assert_matches_eager(got, statistic(*args, **kwargs), statistic(*in_float64(args), **in_float64(kwargs)),
-                         err_msg=err_msg, floor=_map_error([args, kwargs]) if _shares(statistic) else 0.0)
+                         err_msg=err_msg, floor=max(floor, shares))
+
+
+class LogitScale(Reducer):
+    """The largest |L_t| (row log-sum-exp) over valid queries per stack and layer, as the kernel path sees it:
+    the magnitude of the logits, which sets the float32 error of the kernel path's entropy."""
+
+    kernel = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest: dict[str, float] = {}
+
+    def update(self, chunk) -> None:  # (the chunked path: its entropy does not depend on it)
+        pass
+
+    def update_kernel(self, call) -> None:
+        largest = float(torch.where(call.query_valid[:, None, :], call.lse.abs(), 0).max())
+        self.largest[call.site.stack] = max(largest, self.largest.get(call.site.stack, 0.0))
+
+    def scale(self, stack: str) -> float:
+        """The largest |L_t| of ``stack`` (and of the stacks named after it, "self:..."); 0 if none was seen."""
+        return max((v for name, v in self.largest.items() if name.split(":")[0] == stack.split(":")[0]),
+                   default=0.0)
+
+
+def kernel_entropy_floor(scale: float) -> float:
+    """The float32 error of the kernel path's entropy L_t - E_p[x] at logits of magnitude ``scale``: L_t is held
+    in float32 (resolution eps |L_t|), and E_p[x] = scale q . E_p[k] rounds like a logit of the same magnitude."""
+    return 2 * FLOAT32_EPS * scale
 
 
 def _shares(statistic: Callable[..., Any]) -> bool:

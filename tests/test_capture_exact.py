@@ -19,6 +19,7 @@ import torch
 
 from headscope.capture.engine import Scope
 from headscope.capture.reducers import ArgmaxKey, Entropy, FullMaps, KeyMass, LastRow, MeanDistance
+from headscope.models.cache import cache_kwargs, output_cache
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -40,6 +41,13 @@ def _input_cases() -> list[tuple[str, int, str | None]]:
 
 CASES = _input_cases()
 CHUNKS = (1, 3, None)
+# How the statistics are computed: the chunked path with 1 or 3 queries per chunk or automatic chunks, or the
+# kernel path (the fused kernel's row log-sum-exp), which "auto" takes where the call and the reducers allow it.
+MODES = ("chunk1", "chunk3", "chunked", "kernel")
+# The calls the kernel path leaves to the chunked path, and why: T5's position bias; and mean distance on
+# attention that sees later keys (encoders, the vision tower), which has no kernel form.
+POSITION_BIAS = {"t5"}
+BIDIRECTIONAL = {"bert", "vit"}  # every stack sees later keys (Whisper's and LLaVA's decoders do not)
 
 
 def _case_id(case: tuple[str, int, str | None]) -> str:
@@ -53,6 +61,7 @@ def _chunk_id(chunk: int | None) -> str:
 
 case_param = pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
 chunk_param = pytest.mark.parametrize("chunk", CHUNKS, ids=[_chunk_id(c) for c in CHUNKS])
+mode_param = pytest.mark.parametrize("mode", MODES)
 
 
 @functools.cache
@@ -98,17 +107,49 @@ def _captured(case: tuple[str, int, str | None], chunk: int | None) -> dict[str,
         "last_row": LastRow(),
         "full_maps": FullMaps(_full_map_heads(name)),
     }
-    with torch.no_grad(), Scope(tiny.model).capture(*reducers.values(), chunk_size=chunk):
+    with torch.no_grad(), Scope(tiny.model).capture(*reducers.values(), chunk_size=chunk, path="chunked"):
         tiny.model(**tiny.inputs(batch, padding))
     return reducers
 
 
-def _assert_per_stack(got: dict[str, np.ndarray], statistic, reference: dict[str, object]) -> None:
-    """Each stack's result equals ``statistic`` of that stack's eager reference (a call, or a list of calls)."""
+@functools.cache
+def _kernel_captured(case: tuple[str, int, str | None]) -> tuple[dict[str, object], dict[str, int]]:
+    """The reducers that have a kernel form, filled by one forward on the automatic path; and the scope's paths."""
+    name, batch, padding = case
+    tiny = tm.get(name)
+    reducers = {
+        "key_mass": KeyMass(),
+        "key_mass_012": KeyMass(positions=(0, 1, 2)),
+        "key_mass_mask": KeyMass(key_mask=_key_mask(case), stacks={tiny.self_stack}),
+        "entropy": Entropy(),
+        "logit_scale": ref.LogitScale(),
+    }
+    distance = MeanDistance()  # (on its own: where it sends a call to the chunked path, the others stay)
+    paths = []
+    for capture in (reducers.values(), (distance,)):
+        scope = Scope(tiny.model)
+        with torch.no_grad(), scope.capture(*capture):
+            tiny.model(**tiny.inputs(batch, padding))
+        paths.append(dict(scope.paths))
+    return {**reducers, "mean_distance": distance}, paths
+
+
+def _statistics(case, mode: str) -> dict[str, object]:
+    if mode == "kernel":
+        return _kernel_captured(case)[0]
+    return _captured(case, {"chunk1": 1, "chunk3": 3, "chunked": None}[mode])
+
+
+def _assert_per_stack(got: dict[str, np.ndarray], statistic, reference: dict[str, object],
+                      logit_scale: ref.LogitScale | None = None) -> None:
+    """Each stack's result equals ``statistic`` of that stack's eager reference (a call, or a list of calls); on the
+    kernel path, to the float32 error of its logits' magnitude too (``logit_scale``): exp(x - L) and L - E_p[x]
+    take the difference of two float32 numbers as large as the logits."""
     assert set(got) == set(reference), f"stacks {sorted(got)} != {sorted(reference)}"
     for stack, calls in reference.items():
         assert np.isfinite(statistic(calls)).all(), stack
-        ref.assert_exact(got[stack], statistic, calls, err_msg=f"stack {stack}")
+        floor = ref.kernel_entropy_floor(logit_scale.scale(stack)) if logit_scale is not None else 0.0
+        ref.assert_exact(got[stack], statistic, calls, err_msg=f"stack {stack}", floor=floor)
 
 
 def _calls(reference: dict[str, ref.Call], cross: bool = True) -> dict[str, list[ref.Call]]:
@@ -120,36 +161,42 @@ def _calls(reference: dict[str, ref.Call], cross: bool = True) -> dict[str, list
 
 
 @case_param
-@chunk_param
-def test_key_mass_on_first_token_equals_eager(case, chunk):
-    _assert_per_stack(_captured(case, chunk)["key_mass"].result(), ref.key_mass, _calls(_reference(case)))
+@mode_param
+def test_key_mass_on_first_token_equals_eager(case, mode):
+    statistics = _statistics(case, mode)
+    _assert_per_stack(statistics["key_mass"].result(), ref.key_mass, _calls(_reference(case)),
+                      statistics.get("logit_scale"))
 
 
 @case_param
-@chunk_param
-def test_key_mass_on_positions_0_1_2_equals_eager(case, chunk):
-    _assert_per_stack(_captured(case, chunk)["key_mass_012"].result(),
-                      functools.partial(ref.key_mass, positions=(0, 1, 2)), _calls(_reference(case)))
+@mode_param
+def test_key_mass_on_positions_0_1_2_equals_eager(case, mode):
+    statistics = _statistics(case, mode)
+    _assert_per_stack(statistics["key_mass_012"].result(), functools.partial(ref.key_mass, positions=(0, 1, 2)),
+                      _calls(_reference(case)), statistics.get("logit_scale"))
 
 
 @case_param
-@chunk_param
-def test_key_mass_with_explicit_key_mask_equals_eager(case, chunk):
+@mode_param
+def test_key_mass_with_explicit_key_mask_equals_eager(case, mode):
     stack = tm.get(case[0]).self_stack
-    _assert_per_stack(_captured(case, chunk)["key_mass_mask"].result(),
-                      functools.partial(ref.key_mass, key_mask=_key_mask(case)), {stack: [_reference(case)[stack]]})
+    statistics = _statistics(case, mode)
+    _assert_per_stack(statistics["key_mass_mask"].result(), functools.partial(ref.key_mass, key_mask=_key_mask(case)),
+                      {stack: [_reference(case)[stack]]}, statistics.get("logit_scale"))
 
 
 @case_param
-@chunk_param
-def test_entropy_equals_eager(case, chunk):
-    _assert_per_stack(_captured(case, chunk)["entropy"].result(), ref.entropy, _calls(_reference(case)))
+@mode_param
+def test_entropy_equals_eager(case, mode):
+    statistics = _statistics(case, mode)
+    _assert_per_stack(statistics["entropy"].result(), ref.entropy, _calls(_reference(case)),
+                      statistics.get("logit_scale"))
 
 
 @case_param
-@chunk_param
-def test_mean_distance_equals_eager_on_self_attention_stacks(case, chunk):
-    _assert_per_stack(_captured(case, chunk)["mean_distance"].result(), ref.mean_distance,
+@mode_param
+def test_mean_distance_equals_eager_on_self_attention_stacks(case, mode):
+    _assert_per_stack(_statistics(case, mode)["mean_distance"].result(), ref.mean_distance,
                       _calls(_reference(case), cross=False))
 
 
@@ -202,6 +249,19 @@ def test_full_maps_equal_eager_for_the_named_heads_only(case, chunk):
                          attention, err_msg=f"{stack} layer {layer} head {head}")
 
 
+@case_param
+def test_the_kernel_path_serves_every_call_it_can(case):
+    """The kernel-mode tests above measure the kernel path: every call takes it but those it cannot serve."""
+    statistics, distance = _kernel_captured(case)[1]
+    name = case[0]
+    if name in POSITION_BIAS:
+        assert all("position bias" in path for path in statistics) and "kernel" not in statistics, statistics
+        return
+    assert set(statistics) == {"kernel"}, statistics
+    assert ("kernel" in distance) == (name not in BIDIRECTIONAL), distance
+    assert all(path == "kernel" or "MeanDistance of attention that sees later keys" in path for path in distance)
+
+
 @pytest.mark.parametrize("name", ["llama", "gemma3", "t5"])
 def test_automatic_chunks_under_a_small_budget_equal_eager(name):
     """A budget that fits two query rows: the automatic chunk size splits every call into many chunks."""
@@ -212,7 +272,7 @@ def test_automatic_chunks_under_a_small_budget_equal_eager(name):
     mass, entropy = KeyMass(), Entropy()
     tiny = tm.get(name)
     scope = Scope(tiny.model)
-    with torch.no_grad(), scope.capture(mass, entropy, budget_bytes=budget):
+    with torch.no_grad(), scope.capture(mass, entropy, budget_bytes=budget, path="chunked"):
         tiny.model(**tiny.inputs(2, case[2]))
     _assert_per_stack(mass.result(), ref.key_mass, _calls(reference))
     _assert_per_stack(entropy.result(), ref.entropy, _calls(reference))
@@ -257,16 +317,25 @@ def _generate_inputs(case) -> dict:
 
 
 @functools.cache
-def _generated(case, chunk: int | None):
-    """Reducers filled during greedy generation, the generated sequences and the eager replay."""
+def _generated(case, chunk: int | str | None):
+    """Reducers filled during greedy generation, the generated sequences and the eager replay. ``chunk`` is the
+    chunked path's chunk size, or "kernel": the reducers that have a kernel form, on the automatic path."""
     name = case[0]
     tiny = tm.get(name)
     inputs = _generate_inputs(case)
     reducers = {"key_mass": KeyMass(), "key_mass_012": KeyMass(positions=(0, 1, 2)), "entropy": Entropy(),
-                "mean_distance": MeanDistance(), "last_row": LastRow(), "argmax": ArgmaxKey(last_only=True)}
-    with torch.no_grad(), Scope(tiny.model).capture(*reducers.values(), chunk_size=chunk):
+                "mean_distance": MeanDistance()}
+    options = {"path": "auto"} if chunk == "kernel" else {"chunk_size": chunk, "path": "chunked"}
+    if chunk == "kernel":
+        reducers["logit_scale"] = ref.LogitScale()
+    else:
+        reducers.update(last_row=LastRow(), argmax=ArgmaxKey(last_only=True))
+    scope = Scope(tiny.model)
+    with torch.no_grad(), scope.capture(*reducers.values(), **options):
         out = tiny.model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False,
                                   return_dict_in_generate=True)
+    if chunk == "kernel":  # every decoder call on the kernel path (Whisper's encoder: mean distance needs rows)
+        assert scope.paths["kernel"] > 0 and all("MeanDistance" in path for path in scope.paths if path != "kernel")
     sequences = out.sequences
     if name == "whisper":
         inputs = {**inputs, "decoder_input_ids": sequences[:, :1]}
@@ -290,7 +359,7 @@ def test_last_row_of_each_decode_step_equals_eager_with_cache(case, chunk):
 
 
 @generate_param
-@pytest.mark.parametrize("chunk", (3, None), ids=_chunk_id)
+@pytest.mark.parametrize("chunk", (3, None, "kernel"), ids=lambda c: c if c == "kernel" else _chunk_id(c))
 def test_statistics_accumulated_over_generate_equal_eager_with_cache(case, chunk):
     reducers, _, replay = _generated(case, chunk)
     checks = {
@@ -299,7 +368,8 @@ def test_statistics_accumulated_over_generate_equal_eager_with_cache(case, chunk
         "entropy": ref.entropy,
     }
     for label, statistic in checks.items():
-        _assert_per_stack(reducers[label].result(), statistic, replay)
+        _assert_per_stack(reducers[label].result(), statistic, replay,
+                          reducers.get("logit_scale") if label == "entropy" else None)
     _assert_per_stack(reducers["mean_distance"].result(), ref.mean_distance,
                       {stack: calls for stack, calls in replay.items() if stack != "cross"})
 
@@ -329,3 +399,31 @@ def test_sliding_window_decode_steps_see_only_the_window(case):
     mass = ref.key_mass(decode_steps)
     assert np.all(mass[[0, 2]] == 0) and np.all(mass[1] > 0)
     assert sequences.shape[1] == tm.SEQ + NEW_TOKENS
+
+
+@pytest.mark.parametrize("path", ["auto", "chunked"])
+@pytest.mark.parametrize("case", [("gemma3", 1, None), ("gemma3", 2, "left")], ids=_case_id)
+def test_a_capture_that_begins_after_the_prefill_places_the_sliding_window_keys(case, path):
+    """Decode steps captured without their prefill: the sliding layers' caches have dropped the first tokens,
+    and the cache's length with the attention mask places the keys that are left (mass on the first three
+    tokens is 0 there once they have left the window, and equals eager attention's in every layer)."""
+    _, sequences, replay = _generated(case, 3)
+    tiny = tm.get(case[0])
+    inputs = _generate_inputs(case)
+    prompt = inputs["input_ids"].shape[1]
+    full_mask = torch.cat([inputs["attention_mask"], torch.ones(case[1], sequences.shape[1] - prompt,
+                                                                dtype=inputs["attention_mask"].dtype)], 1)
+    mass, first = KeyMass(positions=(0, 1, 2)), KeyMass()
+    with torch.no_grad():
+        out = tiny.model(**inputs, use_cache=True)  # the prefill, before the capture
+        cache = output_cache(out)
+        with Scope(tiny.model).capture(mass, first, path=path):
+            for position in range(prompt, sequences.shape[1] - 1):
+                out = tiny.model(input_ids=sequences[:, position:position + 1],
+                                 attention_mask=full_mask[:, :position + 1], use_cache=True,
+                                 **cache_kwargs(tiny.model, cache))
+                cache = output_cache(out)
+    decode_steps = {"self": replay["self"][1:]}
+    _assert_per_stack(mass.result(), functools.partial(ref.key_mass, positions=(0, 1, 2)), decode_steps)
+    _assert_per_stack(first.result(), ref.key_mass, decode_steps)
+    assert np.all(first.result()["self"][[0, 2]] == 0) and np.all(first.result()["self"][1] > 0)

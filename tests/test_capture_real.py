@@ -49,20 +49,37 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("alias", list(CASES))
-def test_real_model_statistics_equal_eager(alias: str) -> None:
+@functools.cache
+def _expected(alias: str) -> dict:
     kind, make_inputs = CASES[alias]
     loaded = _loaded(alias)
-    inputs = make_inputs(loaded)
-    expected = ref.forward_attention(ref.eager_copy(loaded.model), kind, inputs)
+    return ref.forward_attention(ref.eager_copy(loaded.model), kind, make_inputs(loaded))
+
+
+@pytest.mark.parametrize("path", ["auto", "chunked"])
+@pytest.mark.parametrize("alias", list(CASES))
+def test_real_model_statistics_equal_eager(alias: str, path: str) -> None:
+    """On both paths: "auto" is the kernel path for key mass and entropy (all but nothing here needs rows), and
+    for mean distance on causal attention."""
+    loaded = _loaded(alias)
+    inputs = CASES[alias][1](loaded)
+    expected = _expected(alias)
 
     mass, entropy, distance = headscope.KeyMass(), headscope.Entropy(), headscope.MeanDistance()
-    with torch.no_grad(), headscope.Scope(loaded.model).capture(mass, entropy, distance):
-        loaded.model(**inputs)
+    scale = ref.LogitScale()
+    scope = headscope.Scope(loaded.model)
+    with torch.no_grad():
+        with scope.capture(mass, entropy, scale, path=path):
+            loaded.model(**inputs)
+        if path == "auto":
+            assert set(scope.paths) == {"kernel"}, scope.paths
+        with scope.capture(distance, path=path):
+            loaded.model(**inputs)
 
     assert set(mass.result()) == set(expected)
     for stack, calls in expected.items():
         ref.assert_exact(mass.result()[stack], ref.key_mass, [calls], err_msg=stack)
-        ref.assert_exact(entropy.result()[stack], ref.entropy, [calls], err_msg=stack)
+        ref.assert_exact(entropy.result()[stack], ref.entropy, [calls], err_msg=stack,
+                         floor=ref.kernel_entropy_floor(scale.scale(stack)))
         if stack != "cross":  # distances reach hundreds of positions: the tolerance scales with them
             ref.assert_exact(distance.result()[stack], ref.mean_distance, [calls], err_msg=stack)

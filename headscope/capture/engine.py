@@ -15,9 +15,11 @@ Gates are forward pre-hooks on each attention module's output projection.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import inspect
+import logging
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,8 +33,10 @@ from transformers.utils.generic import TransformersKwargs
 
 from headscope.capture.adapters import Adapter, Site, adapt
 from headscope.capture.gates import Gates
-from headscope.capture.reducers import Chunk, Reducer
+from headscope.capture.reducers import Chunk, KernelCall, Reducer
 from headscope.errors import HeadscopeError, NonFiniteError
+from headscope.models.cache import NEW as NEW_CACHE
+from headscope.models.cache import OLD as OLD_CACHE
 
 IMPLEMENTATION = "headscope"
 # The same attention with every causal mask built in full: for models whose own path is eager, whose masks are
@@ -58,6 +62,13 @@ MASKED_BELOW = -5000.0
 # Stacks over a tower's own tokens (patches, audio frames), which the text padding masks do not describe.
 TOWERS = ("vision", "audio")
 
+# How a capture may compute attention for its reducers: "auto" takes the kernel path wherever the call and the
+# reducers allow it, "chunked" always takes the chunked path.
+PATHS = ("auto", "chunked")
+KERNEL, CHUNKED = "kernel", "chunked"
+
+logger = logging.getLogger(__name__)
+
 # The active capture, process-wide: a forward run in another thread (a streamer's generate) is captured too.
 _ACTIVE: list[_Session] = []
 
@@ -79,7 +90,10 @@ class _Session:
     gates: list[Gates]
     chunk_size: int | None
     budget_bytes: int
+    path: str = "auto"
     call: int = 0
+    # Calls of attention that fed reducers, per path taken: "kernel", or "chunked: <why>".
+    paths: collections.Counter = field(default_factory=collections.Counter)
     # The masked implementation (a model whose own path is eager): no mask means no mask, never "causal".
     masked: bool = False
     validity_cache: dict[tuple, tuple[torch.Tensor | None, _Validity]] = field(default_factory=dict)
@@ -96,6 +110,9 @@ class _Session:
     # Calls of headscope's attention function so far, and the count when each attention module began its call.
     interface_calls: int = 0
     calls_before: dict[int, int] = field(default_factory=dict)
+    # The current top-level call with a KV cache: (tokens of the sequence so far, tokens of this call, each
+    # example's first real token (B,) or None); None without a cache.
+    sequence: tuple[int, int, torch.Tensor | None] | None = None
 
     def site_of(self, module: nn.Module) -> Site | None:
         """The site this call of ``module`` is: for a module several layers share, the next of its uses."""
@@ -147,6 +164,9 @@ class Scope:
         self.model = model
         self.adapter = adapt(model)
         self.stacks = self.adapter.stacks()
+        # Over all captures of this scope: attention calls that fed reducers, per path ("kernel", or
+        # "chunked: <why>"); see :meth:`capture`.
+        self.paths: collections.Counter = collections.Counter()
 
     @contextlib.contextmanager
     def capture(
@@ -155,20 +175,29 @@ class Scope:
         gates: Sequence[Gates] = (),
         chunk_size: int | None = None,
         budget_bytes: int = DEFAULT_BUDGET_BYTES,
+        path: str = "auto",
     ) -> Iterator[Scope]:
         """Run forward passes or ``generate`` inside; reducers fill, gates act.
 
         Args:
             reducers: statistics to compute; each receives every chunk of attention of its stacks.
             gates: per-head gates on head outputs z.
-            chunk_size: queries per chunk; by default chosen so a chunk stays within ``budget_bytes``.
+            chunk_size: queries per chunk of the chunked path; by default chosen so a chunk stays within
+                ``budget_bytes``.
             budget_bytes: memory a chunk's probabilities may take.
+            path: "auto" computes each attention call on the kernel path (the fused attention kernel and its row
+                log-sum-exp, no probabilities) when every reducer of the call can read it and the call has no
+                feature the kernel lacks (soft-capping, learned sinks, position bias, uniform gates); else on the
+                chunked path. "chunked" always takes the chunked path. ``scope.paths`` counts the calls per path
+                taken, with the reason for each chunked one; the choice is also logged at DEBUG level.
 
         On exit, also on an exception, the model is as before: attention implementation restored and no
         hook left.
         """
         if _ACTIVE:
             raise HeadscopeError("a capture is already active: finish it before opening another")
+        if path not in PATHS:
+            raise HeadscopeError(f"path must be one of {', '.join(PATHS)}; got {path!r}")
         unknown = {g.stack for g in gates} - set(self.stacks)
         if unknown:
             raise HeadscopeError(f"no attention stack named {sorted(unknown)}: this model has {list(self.stacks)}")
@@ -182,7 +211,7 @@ class Scope:
         for reducer in reducers:
             reducer.bind(self.stacks)
         session = _Session(self.adapter, self.adapter.by_module(), list(reducers), list(gates), chunk_size,
-                           budget_bytes)
+                           budget_bytes, path)
         _ACTIVE.append(session)
         try:
             with contextlib.ExitStack() as stack:
@@ -193,6 +222,7 @@ class Scope:
                 yield self
         finally:
             _ACTIVE.clear()
+            self.paths.update(session.paths)
 
     @contextlib.contextmanager
     def _attention_switched(self, session: _Session) -> Iterator[None]:
@@ -235,11 +265,43 @@ class Scope:
 
     @contextlib.contextmanager
     def _call_counter(self, session: _Session) -> Iterator[None]:
-        handle = self.model.register_forward_hook(lambda *_: session.end_call())
+        handles = [self.model.register_forward_hook(lambda *_: session.end_call()),
+                   self.model.register_forward_pre_hook(_sequence_hook(self.model, session), with_kwargs=True)]
         try:
             yield
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
+
+
+def _sequence_hook(model: nn.Module, session: _Session):
+    """Records, per top-level call of a model with a KV cache, where the call's tokens lie in the sequence: the
+    tokens before it (the cache's length) and each example's first real token (from the 2D attention mask). With
+    them a sliding-window cache that has dropped its oldest keys is placed right even when the capture began after
+    the prefill."""
+    signature = inspect.signature(model.forward)
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        session.sequence = None
+        try:
+            bound = signature.bind_partial(*args, **kwargs).arguments
+        except TypeError:
+            bound = kwargs
+        cache, tokens = bound.get(NEW_CACHE, bound.get(OLD_CACHE)), bound.get("input_ids")
+        if tokens is None:
+            tokens = bound.get("inputs_embeds")
+        if cache is None or tokens is None or not hasattr(cache, "get_seq_length"):
+            return
+        before, new = int(cache.get_seq_length()), tokens.shape[1]
+        mask = bound.get("attention_mask")
+        first = None
+        if mask is None:  # no padding: every example starts the sequence
+            first = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+        elif isinstance(mask, torch.Tensor) and mask.ndim == 2 and mask.shape[1] == before + new:
+            first = (mask != 0).int().argmax(dim=1)
+        session.sequence = (before + new, new, first)
+
+    return hook
 
 
 def _interface_check(session: _Session, site: Site):
@@ -273,7 +335,12 @@ def _gate_hook(session: _Session, site: Site, site_gates: list[Gates]):
 
 def _not_finite(site: Site, values: torch.Tensor, start: int, what: str) -> str:
     """Where (batch, heads, tokens, dim) ``values`` first hold NaN or inf, as one line."""
-    example, head, token = (int(i) for i in (~torch.isfinite(values)).any(-1).nonzero()[0])
+    return _not_finite_at(site, (~torch.isfinite(values)).any(-1), start, what)
+
+
+def _not_finite_at(site: Site, bad: torch.Tensor, start: int, what: str) -> str:
+    """The first True of (batch, heads, tokens) ``bad`` as the line :func:`_not_finite` writes."""
+    example, head, token = (int(i) for i in bad.nonzero()[0])
     return (f"{what} of {site.stack} layer {site.layer} head {head} is not finite (NaN or inf) at example {example}, "
             f"token {start + token}: the model overflowed or its weights hold NaN (a float16 model may need "
             "--dtype float32)")
@@ -352,8 +419,255 @@ def headscope_attention(
             mask = attention_mask[..., :n_keys] if attention_mask is not None else None
             _validity(session, site, mask, query.shape[0], query.shape[2], n_keys, False, query.device)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if reducers:
+        why = _why_chunked(session, site, reducers, module, query, key, attention_mask, uniform, kwargs)
+        if why is None:
+            try:
+                result = _kernel_attention(session, site, reducers, module, query, key, value, attention_mask,
+                                           **kwargs)
+                _count_path(session, site, None)
+                return result
+            except _KernelRefused as refused:  # before any reducer read the call: the chunked path computes it
+                why = f"the fused kernel refused the call ({refused})"
+                if not any(why in path for path in session.paths):
+                    warnings.warn(f"headscope: {site.stack} layer {site.layer}: {why}; the chunked path computes "
+                                  "it instead (exact, slower)", stacklevel=2)
+        _count_path(session, site, why)
     return _chunked_attention(session, site, reducers, module, query, key, value, attention_mask, uniform=uniform,
                               **kwargs)
+
+
+# Dtypes the fused kernels take (their log-sum-exp is float32 for all of them).
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _why_chunked(session: _Session, site: Site, reducers: list[Reducer], module: nn.Module, query: torch.Tensor,
+                 key: torch.Tensor, attention_mask: torch.Tensor | None, uniform: torch.Tensor | None,
+                 kwargs: dict) -> str | None:
+    """Why this call takes the chunked path; None when the kernel path computes it exactly."""
+    if session.path == CHUNKED:
+        return "the chunked path was asked for"
+    features = {"softcap": "soft-capped logits", "s_aux": "learned sink logits", "position_bias": "a position bias"}
+    for name, feature in features.items():
+        if kwargs.get(name) is not None:
+            return f"{feature} (the fused kernels have none)"
+    if uniform is not None:
+        return "uniform-attention gates"
+    if kwargs.get("dropout") and module.training:
+        return "attention dropout in training mode"
+    if query.device.type not in ("cpu", "cuda") or query.dtype not in _KERNEL_DTYPES:
+        return f"no fused kernel with a log-sum-exp for {query.dtype} on {query.device.type}"
+    mask = attention_mask[..., : key.shape[2]] if attention_mask is not None else None
+    if mask is not None and mask.dtype != torch.bool and not _hides_only(session, mask):
+        return "an additive mask that weighs visible keys (the kernel path needs one that only hides keys)"
+    cross = site.kind == "cross"
+    causal = (not cross and any(r.needs_causal for r in reducers)
+              and _sees_no_later_key(session, module, query, mask, kwargs.get("is_causal")))
+    for reducer in reducers:
+        if not reducer.kernel_ready(causal, cross):
+            if reducer.kernel:
+                return f"{type(reducer).__name__} of attention that sees later keys needs whole rows"
+            return f"{type(reducer).__name__} needs whole rows of probabilities"
+    return None
+
+
+def _count_path(session: _Session, site: Site, why: str | None) -> None:
+    path = KERNEL if why is None else f"{CHUNKED}: {why}"
+    if path not in session.paths:
+        logger.debug("headscope capture: %s layer %d takes the %s path", site.stack, site.layer, path)
+    session.paths[path] += 1
+
+
+def _cached(session: _Session, key: tuple, compute):
+    """``compute()`` once per model call for ``key``: a tensor (kept alive in the entry, so that its id is not
+    reused meanwhile) and labels."""
+    tensor, *labels = key
+    entry = ("derived", id(tensor), *labels)
+    cached = session.validity_cache.get(entry)
+    if cached is None or cached[0] is not tensor:
+        cached = (tensor, compute())
+        session.validity_cache[entry] = cached
+    return cached[1]
+
+
+def _hides_only(session: _Session, mask: torch.Tensor) -> bool:
+    """Whether an additive float mask only hides keys (each entry 0, or low enough that exp of it is 0)."""
+    return _cached(session, (mask, "hides only"),
+                   lambda: bool(((mask == 0) | (mask <= MASKED_BELOW)).all()))
+
+
+def _sees_no_later_key(session: _Session, module: nn.Module, query: torch.Tensor, mask: torch.Tensor | None,
+                       is_causal: bool | None) -> bool:
+    """Whether no query of a self-attention call sees a key after its own position."""
+    n_queries = query.shape[2]
+    if mask is None:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        return bool(causal) or n_queries == 1
+    allowed = mask if mask.dtype == torch.bool else mask > MASKED_BELOW
+
+    def compute() -> bool:
+        n_keys = mask.shape[-1]
+        own = torch.arange(n_queries, device=mask.device)[:, None] + n_keys - n_queries
+        later = torch.arange(n_keys, device=mask.device)[None, :] > own
+        return not bool((allowed & later).any())
+
+    return _cached(session, (mask, "causal"), compute)
+
+
+class _KernelRefused(RuntimeError):
+    """A fused kernel would not take a call (an accelerator's kernel and its shape or alignment rules)."""
+
+
+def _fused(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None, causal: bool,
+           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        return _fused_kernel(query, key, value, bias, causal, scale)
+    except RuntimeError as error:
+        if query.device.type == "cpu" or isinstance(error, torch.OutOfMemoryError):
+            raise
+        raise _KernelRefused(str(error).splitlines()[0][:200]) from error
+
+
+def _fused_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None,
+                  causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused attention kernel: output (B, H, Tq, D) and row log-sum-exp (B, H, Tq) float32.
+
+    On CPU, PyTorch's flash kernel (the one SDPA runs there, so the output is SDPA's); on CUDA, the flash kernel
+    for half precision without a mask, else the memory-efficient one. ``bias`` is an additive mask in the query's
+    dtype (-inf hides a key); keys and values may have fewer heads than the queries (grouped-query attention).
+    """
+    if query.device.type == "cpu":
+        head_dim, value_dim = query.shape[-1], value.shape[-1]
+        if head_dim != value_dim:  # the kernel wants one head size: zeros widen the narrower, changing nothing
+            width = max(head_dim, value_dim)
+            query, key = (nn.functional.pad(t, (0, width - head_dim)) for t in (query, key))
+            value = nn.functional.pad(value, (0, width - value_dim))
+        output, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, causal, attn_mask=bias, scale=scale)
+        return output[..., :value_dim], lse
+    group = query.shape[1] // key.shape[1]
+    if group > 1:
+        key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    if bias is None and query.dtype != torch.float32:
+        out = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, causal, False, scale=scale)
+    else:
+        if bias is not None:  # the memory-efficient kernel reads the bias in rows aligned to 16 elements
+            keys = bias.shape[-1]
+            aligned = bias.new_zeros(*bias.shape[:-1], -(-keys // 16) * 16)
+            aligned[..., :keys] = bias
+            bias = aligned[..., :keys].expand(query.shape[0], query.shape[1], query.shape[2], keys)
+        out = torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, bias, True, 0.0, causal,
+                                                                     scale=scale)
+    return out[0], out[1][..., : query.shape[2]].float()
+
+
+def _kernel_attention(
+    session: _Session,
+    site: Site,
+    reducers: list[Reducer],
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **_: object,
+) -> tuple[torch.Tensor, None]:
+    """Attention by the fused kernel, the reducers fed from its row log-sum-exp: no (queries x keys) matrix."""
+    batch, heads, n_queries, head_dim = query.shape
+    kv_heads, n_keys = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    scaling = head_dim**-0.5 if scaling is None else scaling
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(causal) and n_queries > 1 and attention_mask is None and not session.masked
+    if causal and n_keys > n_queries:  # SDPA's rule for a prefill into a pre-allocated cache
+        key, value, n_keys = key[:, :, :n_queries], value[:, :, :n_queries], n_queries
+    mask = attention_mask[..., :n_keys] if attention_mask is not None else None
+    cross = site.kind == "cross"
+    validity = _validity(session, site, mask, batch, n_queries, n_keys, cross, query.device)
+    allowed = None if mask is None else mask if mask.dtype == torch.bool else mask > MASKED_BELOW
+    bias = None if mask is None else _cached(session, (mask, "bias", query.dtype), lambda: _bias(mask, query.dtype))
+    output, lse = _fused(query, key, value, bias, causal, scaling)
+    _check_finite(site, query, key, output)
+    offset = n_keys - n_queries
+    positions = None if cross else torch.arange(n_queries, device=query.device) + offset
+    scaled = (query.float() * scaling).reshape(batch, kv_heads, group, n_queries, head_dim)
+
+    def logits_at(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, n = index.shape[1], index.shape[2]
+        if rows == 1:  # the same keys for every query
+            chosen = key.gather(2, index[:, None, 0, :, None].expand(batch, kv_heads, n, head_dim)).float()
+            grouped = scaled.reshape(batch, kv_heads, group * n_queries, head_dim)
+            logits = torch.matmul(grouped, chosen.transpose(-1, -2))
+        else:  # keys of their own per query (n of them)
+            flat = index.reshape(batch, 1, rows * n, 1).expand(batch, kv_heads, rows * n, head_dim)
+            chosen = key.gather(2, flat).float().view(batch, kv_heads, 1, rows, n, head_dim)
+            logits = torch.linalg.vecdot(scaled[:, :, :, :, None], chosen)
+        logits = logits.reshape(batch, heads, n_queries, n)
+        full = index.expand(batch, n_queries, n)
+        visible = torch.ones(batch, 1, n_queries, n, dtype=torch.bool, device=query.device)
+        if allowed is not None:  # (a mask may broadcast over the batch or the queries)
+            rows = allowed.expand(batch, allowed.shape[1], n_queries, allowed.shape[-1])
+            visible = rows.gather(-1, full[:, None].expand(batch, allowed.shape[1], n_queries, n))
+        if causal:
+            visible = visible & (full <= positions[None, :, None])[:, None]
+        visible = visible.expand(batch, heads, n_queries, n)
+        return logits.masked_fill(~visible, float("-inf")), visible
+
+    wanted = set(what for r in reducers for what in r.expects)
+    expectations: dict[str, torch.Tensor] = {}
+    if "logit" in wanted or (query.dtype != torch.float32 and query.device.type == "cpu"):
+        # One float32 call with the keys as values: E_p[k] for entropy, and, for a half-precision model on CPU, the
+        # row log-sum-exp in float32 (the CPU flash kernel's own is only good to ~5e-5 in bfloat16).
+        expected_key, lse32 = _fused(query.float(), key.float(), key.float(), None if bias is None else bias.float(),
+                                     causal, scaling)
+        expectations["logit"] = scaling * torch.linalg.vecdot(query.double(), expected_key.double())
+        lse = lse32  # (the same normaliser as E_p[k]'s)
+    if "position" in wanted:
+        expectations["position"] = _expected_position(query, key, bias, causal, scaling)
+
+    def expected(what: str) -> torch.Tensor:
+        if what not in expectations:
+            raise KeyError(f"a reducer read the expectation {what!r} without naming it in its expects")
+        return expectations[what]
+    call = KernelCall(site=site, lse=lse, query_index=torch.arange(n_queries, device=query.device),
+                      query_position=positions, query_valid=validity.query_valid, key_valid=validity.key_valid,
+                      key_start=validity.key_start, call=session.call, queries=n_queries, keys=n_keys,
+                      causal=not cross and _sees_no_later_key(session, module, query, mask, is_causal)
+                      if any(r.needs_causal for r in reducers) else False,
+                      logits_at=logits_at, expected=expected)
+    for reducer in reducers:
+        reducer.update_kernel(call)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def _check_finite(site: Site, query: torch.Tensor, key: torch.Tensor, output: torch.Tensor) -> None:
+    """Refuse NaN or inf before it is averaged into a statistic. The CPU flash kernel turns a row of NaN logits
+    into zeros, so the queries and keys are checked too: where eager attention's output would not be finite."""
+    if bool(torch.isfinite(output).all()) and bool(torch.isfinite(query).all()) and bool(torch.isfinite(key).all()):
+        return
+    bad = ~torch.isfinite(output).all(-1) | ~torch.isfinite(query).all(-1)  # (B, H, Tq)
+    keys_bad = ~torch.isfinite(key).all(-1).all(-1)  # (B, H_kv): each query of the group sees some key
+    bad = bad | keys_bad.repeat_interleave(query.shape[1] // key.shape[1], dim=1)[..., None]
+    raise NonFiniteError(_not_finite_at(site, bad, 0, "attention output"))
+
+
+def _bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive form of a mask, as SDPA makes it: 0 where a key is seen, -inf where it is hidden."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def _expected_position(query: torch.Tensor, key: torch.Tensor, bias: torch.Tensor | None, causal: bool,
+                       scaling: float) -> torch.Tensor:
+    """(B, H, Tq) float64 E_p[key index], from one more kernel call in float32 whose values are the key indices."""
+    batch, kv_heads, n_keys, head_dim = key.shape
+    index = torch.arange(n_keys, dtype=torch.float32, device=key.device)
+    values = index[None, None, :, None].expand(batch, kv_heads, n_keys, head_dim).contiguous()
+    bias32 = None if bias is None else bias.float()
+    return _fused(query.float(), key.float(), values, bias32, causal, scaling)[0][..., 0].double()
 
 
 def _uniform_rows(session: _Session, site: Site, query: torch.Tensor) -> torch.Tensor | None:
@@ -548,8 +862,17 @@ def _placed_on_sequence(session: _Session, site: Site, validity: _Validity, n_qu
     key is not the sequence's first token. The call's first key is at ``seen - n_keys``, where ``seen``
     counts the tokens since the call without a cache (``n_keys == n_queries``) that began the sequence;
     ``key_start`` then becomes the first real token's index on the call's key axis (negative once it has
-    been dropped). Without that first call inside the capture, the keys are taken to start the sequence.
+    been dropped). When the model's call carries its KV cache (a decode step; :func:`_sequence_hook`), the cache's
+    length and the 2D attention mask say the same without that first call, as when the capture began after
+    the prefill; else the keys are taken to start the sequence.
     """
+    sequence = session.sequence
+    tower = site.stack.split(":")[0] in TOWERS  # (an image or audio tower's tokens are not the call's)
+    if sequence is not None and sequence[1] == n_queries and not tower:  # the call says where its tokens lie
+        seen, _, first = sequence
+        if first is not None and seen - n_keys > 0 and first.shape == validity.key_start.shape:
+            return _Validity(validity.query_valid, validity.key_valid, first.to(validity.key_start) - (seen - n_keys))
+        return validity
     if session.seen_in_call.get(site.path) == session.call:  # a module calling attention twice (DiffLlama)
         seen = session.tokens_seen[site.path]
     else:

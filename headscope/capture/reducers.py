@@ -57,6 +57,67 @@ class Chunk:
         return torch.arange(self.probs.shape[-1], device=self.probs.device)[None, :] - self.key_start[:, None]
 
 
+@dataclass
+class KernelCall:
+    """One call of attention as a fused kernel computes it (the kernel path): no probabilities, but each query
+    row's log-sum-exp L_t, from which expectations and point values of the probabilities follow exactly:
+    A[t, s] = exp(x_ts - L_t) for any key s, and sum_s A[t, s] x_ts = E_p[x] from one more kernel call.
+
+    Attributes as in :class:`Chunk` (the call is one chunk of all its queries), and:
+        lse: (B, H, Q) float32 natural log-sum-exp of each query row's logits x (masked keys left out).
+        causal: whether no query sees a key after its own position (known only when a reducer asks for it
+            through ``needs_causal``; else False).
+    """
+
+    site: Site
+    lse: torch.Tensor
+    query_index: torch.Tensor
+    query_position: torch.Tensor | None
+    query_valid: torch.Tensor
+    key_valid: torch.Tensor
+    key_start: torch.Tensor
+    call: int
+    queries: int
+    keys: int
+    causal: bool
+    # index (B, Q or 1, n) of keys -> (B, H, Q, n) float32 logits with their visibility (bool, same shape)
+    logits_at: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    # "logit" -> E_p[x] (B, H, Q); "position" -> E_p[key index] (B, H, Q); both float64 (what reducers' ``expects``
+    # name, computed before any reducer reads the call)
+    expected: Callable[[str], torch.Tensor]
+
+    def relative_keys(self) -> torch.Tensor:
+        """(B, K) key index relative to each example's first real token."""
+        return torch.arange(self.keys, device=self.lse.device)[None, :] - self.key_start[:, None]
+
+    def probs_at(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H, Q, n) probabilities of the keys ``index`` (B, Q or 1, n), 0 where hidden; and their visibility."""
+        logits, visible = self.logits_at(index)
+        return torch.where(visible, (logits - self.lse[..., None]).exp(), 0.0), visible
+
+    def mass_on(self, in_set: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H, Q) mass of each query on the keys of ``in_set`` (B, K) bool, and whether it sees any of them:
+        O(Q |S| d), never Q x K."""
+        columns = in_set.any(dim=0).nonzero()[:, 0]
+        batch = in_set.shape[0]
+        probs, visible = self.probs_at(columns[None, None, :].expand(batch, 1, -1))
+        member = in_set[:, columns][:, None, None, :]
+        return (probs * member).sum(dim=-1), (visible & member).any(dim=-1)
+
+    def at_offset(self, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H, Q) probability of key t - ``offset`` for each query t, 0 where it is outside the keys or
+        hidden; and (B, Q) whether it lies inside the key axis. Self-attention only: O(Q d)."""
+        keys = self.query_position - offset
+        inside = (keys >= 0) & (keys < self.keys)
+        batch = self.lse.shape[0]
+        probs, _ = self.probs_at(keys.clamp(0, self.keys - 1)[None, :, None].expand(batch, -1, 1))
+        return probs[..., 0] * inside[None, None, :], inside[None, :].expand(batch, -1)
+
+    def entropy(self) -> torch.Tensor:
+        """(B, H, Q) entropy in nats, L_t - E_p[x]; 0 at rows that see no key."""
+        return (self.lse.double() - self.expected("logit")).float()
+
+
 class Reducer:
     """Base class: a statistic per (layer, head) per stack, as ``sums / counts`` (reducers that keep records
     instead derive from :class:`Recorder`).
@@ -67,6 +128,13 @@ class Reducer:
 
     name = "reducer"
     needs_logits = False  # whether update() reads Chunk.logits (the engine then keeps them for it)
+    # Whether update_kernel() computes the statistic from a KernelCall (the kernel path); else the engine takes the
+    # chunked path for any call this reducer reads. ``needs_causal``: update_kernel() needs KernelCall.causal.
+    kernel = False
+    needs_causal = False
+    # The expectations update_kernel() reads through KernelCall.expected ("logit", "position"): the engine runs
+    # their kernel calls before any reducer reads the call.
+    expects: tuple[str, ...] = ()
 
     def __init__(self, stacks: Iterable[str] | None = None) -> None:
         self.stacks = set(stacks) if stacks is not None else None
@@ -82,6 +150,15 @@ class Reducer:
         return self.stacks is None or stack in self.stacks
 
     def update(self, chunk: Chunk) -> None:
+        raise NotImplementedError
+
+    def kernel_ready(self, causal: bool, cross: bool = False) -> bool:
+        """Whether :meth:`update_kernel` can read a call: ``causal``, no query sees a key after its own position;
+        ``cross``, a cross-attention call (which reducers that need causality leave alone)."""
+        return self.kernel and (causal or cross or not self.needs_causal)
+
+    def update_kernel(self, call: KernelCall) -> None:
+        """Add one call's contribution read from the kernel's row log-sum-exp (reducers with ``kernel``)."""
         raise NotImplementedError
 
     def add(self, site: Site, per_head: torch.Tensor, count: torch.Tensor | float) -> None:
@@ -150,6 +227,12 @@ def _valid_queries(chunk: Chunk) -> torch.Tensor:
     return chunk.query_valid.to(chunk.probs.dtype)
 
 
+def _own(chunk: Chunk | KernelCall, in_set: torch.Tensor) -> torch.Tensor:
+    """(B, C) bool: the query is itself in S (self-attention)."""
+    own = chunk.query_position.clamp_max(in_set.shape[1] - 1)[None, :].expand(in_set.shape[0], -1)
+    return in_set.gather(1, own)
+
+
 class KeyMass(Reducer):
     """Mean attention mass on a set of keys S: mean over valid queries t of sum_{s in S} A[l, h, t, s].
 
@@ -160,6 +243,7 @@ class KeyMass(Reducer):
     """
 
     name = "key_mass"
+    kernel = True
 
     def __init__(
         self,
@@ -180,11 +264,11 @@ class KeyMass(Reducer):
             return chunk.probs[..., columns].sum(dim=-1)
         return torch.einsum("bhck,bk->bhc", chunk.probs, in_set.to(chunk.probs.dtype))
 
-    def _in_set(self, chunk: Chunk) -> torch.Tensor:
+    def _in_set(self, chunk: Chunk | KernelCall) -> torch.Tensor:
         """(B, K) bool: keys of the chunk that are in S."""
-        keys = chunk.probs.shape[-1]
+        keys = chunk.key_valid.shape[-1]
         if self.key_mask is not None:
-            return self.key_mask[:, :keys].to(chunk.probs.device)
+            return self.key_mask[:, :keys].to(chunk.key_valid.device)
         relative = chunk.relative_keys()
         in_set = torch.zeros_like(relative, dtype=torch.bool)
         for position in self.positions:
@@ -193,12 +277,16 @@ class KeyMass(Reducer):
 
     def update(self, chunk: Chunk) -> None:
         in_set = self._in_set(chunk)
-        mass = self._mass(chunk, in_set)
-        weight = _valid_queries(chunk)
+        self._add_mass(chunk, in_set, self._mass(chunk, in_set))
+
+    def update_kernel(self, call: KernelCall) -> None:
+        in_set = self._in_set(call)
+        self._add_mass(call, in_set, call.mass_on(in_set)[0])
+
+    def _add_mass(self, chunk: Chunk | KernelCall, in_set: torch.Tensor, mass: torch.Tensor) -> None:
+        weight = chunk.query_valid.to(mass.dtype)
         if self.exclude_own and chunk.query_position is not None:
-            own = in_set.gather(1, chunk.query_position.clamp_max(in_set.shape[1] - 1)[None, :]
-                                .expand(in_set.shape[0], -1))
-            weight = weight * (~own).to(weight.dtype)
+            weight = weight * (~_own(chunk, in_set)).to(weight.dtype)
         self.add(chunk.site, torch.einsum("bhc,bc->h", mass, weight), weight.sum())
 
 
@@ -211,6 +299,12 @@ class Entropy(Reducer):
 
     name = "entropy"
     needs_logits = True
+    kernel = True
+    expects = ("logit",)
+
+    def update_kernel(self, call: KernelCall) -> None:
+        weight = call.query_valid.to(torch.float32)
+        self.add(call.site, torch.einsum("bhc,bc->h", call.entropy(), weight), weight.sum())
 
     def update(self, chunk: Chunk) -> None:
         if chunk.logits is not None:
@@ -227,6 +321,16 @@ class MeanDistance(Reducer):
     """Mean attention distance: mean over valid queries t of sum_s A[t, s] |pos(t) - pos(s)| (self-attention)."""
 
     name = "mean_distance"
+    kernel = True
+    expects = ("position",)
+    needs_causal = True  # then |pos(t) - pos(s)| = pos(t) - s over the keys t sees: pos(t) - E_p[s]
+
+    def update_kernel(self, call: KernelCall) -> None:
+        if call.query_position is None:
+            return
+        per_query = call.query_position.double()[None, None, :] - call.expected("position")
+        weight = call.query_valid.double()
+        self.add(call.site, torch.einsum("bhc,bc->h", per_query, weight), weight.sum())
 
     def update(self, chunk: Chunk) -> None:
         if chunk.query_position is None:
@@ -248,6 +352,7 @@ class OffsetMass(Reducer):
     """
 
     name = "offset_mass"
+    kernel = True
 
     def __init__(self, offset: int, query_mask: torch.Tensor | None = None, stacks: Iterable[str] | None = None):
         super().__init__(stacks)
@@ -268,6 +373,17 @@ class OffsetMass(Reducer):
         if self.query_mask is not None:
             weight = weight * self.query_mask.to(chunk.probs.device)[:, chunk.query_index].to(mass.dtype)
         self.add(chunk.site, torch.einsum("bhc,bc->h", mass, weight), weight.sum())
+
+    def update_kernel(self, call: KernelCall) -> None:
+        if call.query_position is None:
+            return
+        mass, inside = call.at_offset(self.offset)
+        keys = (call.query_position - self.offset).clamp(0, call.keys - 1)
+        weight = call.query_valid.to(mass.dtype) * inside.to(mass.dtype)
+        weight = weight * call.key_valid.gather(1, keys[None, :].expand(weight.shape[0], -1)).to(mass.dtype)
+        if self.query_mask is not None:
+            weight = weight * self.query_mask.to(mass.device)[:, call.query_index].to(mass.dtype)
+        self.add(call.site, torch.einsum("bhc,bc->h", mass, weight), weight.sum())
 
 
 class ArgmaxKey(Recorder):
