@@ -107,6 +107,8 @@ class KeyReceived(Reducer):
 
     name = "key_received"
     needs_logits = True
+    kernel = True
+    expects = ("received",)  # column sums, from a kernel call with queries and keys exchanged
 
     def __init__(self, stacks: Iterable[str] | None = None) -> None:
         super().__init__(stacks)
@@ -127,7 +129,19 @@ class KeyReceived(Reducer):
             seen.scatter_add_(1, index, -heads * valid)
         self._accumulate(chunk, received, seen)
 
-    def _accumulate(self, chunk: Chunk, received: torch.Tensor, seen: torch.Tensor) -> None:
+    def update_kernel(self, call: KernelCall) -> None:
+        received, seen = call.received()
+        received, seen = received.sum(dim=1), seen.sum(dim=1)  # (B, K), over heads
+        if call.query_position is not None:  # leave out each query's attention to itself
+            heads = call.lse.shape[1]
+            own_probs, inside = call.at_offset(0)
+            valid = call.query_valid.double() * inside.double()
+            index = call.query_position.clamp_max(call.keys - 1)[None, :].expand(received.shape[0], -1)
+            received.scatter_add_(1, index, -(own_probs.double().sum(dim=1) * valid))
+            seen.scatter_add_(1, index, -heads * valid)
+        self._accumulate(call, received, seen)
+
+    def _accumulate(self, chunk: Chunk | KernelCall, received: torch.Tensor, seen: torch.Tensor) -> None:
         relative = chunk.relative_keys()
         keep = (chunk.key_valid & (relative >= 0)).to(torch.float64)
         index = relative.clamp_min(0)

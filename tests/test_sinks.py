@@ -82,22 +82,30 @@ CASES = [("llama", 2, "left", 3), ("gemma3", 2, "left", 3), ("gemma3", 1, None, 
          ("t5", 2, "right", 3), ("gpt_oss", 2, "left", None)]
 
 
+# The models whose every call the kernel path serves (T5 has a position bias, GPT-OSS learned sink logits).
+KERNEL_MODELS = {"llama", "gemma3", "bert"}
+
+
+@pytest.mark.parametrize("path", ["auto", "chunked"])
 @pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
-def test_sink_reducers_equal_eager_attention(case) -> None:
+def test_sink_reducers_equal_eager_attention(case, path) -> None:
     name, batch, padding, chunk = case
     model, kind = _model(name)
     inputs = tm.get("llama" if name == "gpt_oss" else name).inputs(batch, padding)
     calls = ref.forward_attention(ref.eager_copy(model), kind, inputs)
     scope = Scope(model)
     mass, first_four, score = SinkMass(), SinkMass(positions=(0, 1, 2, 3)), SinkMass(exclude_own=False)
-    residual, received = ResidualMass(), KeyReceived()
-    with torch.no_grad(), scope.capture(mass, first_four, score, residual, received, chunk_size=chunk):
+    residual, received, scale = ResidualMass(), KeyReceived(), ref.LogitScale()
+    with torch.no_grad(), scope.capture(mass, first_four, score, residual, received, scale, chunk_size=chunk,
+                                        path=path):
         model(**inputs)
+    if path == "auto":  # every call on the kernel path where the model allows it
+        assert (set(scope.paths) == {"kernel"}) == (name in KERNEL_MODELS), scope.paths
 
     for stack, call in calls.items():
         causal = stack in ("self", "decoder") and kind != "encoder"
         windows = _windows(name, len(call))
-        visible = {"causal": causal, "windows": windows}
+        visible = {"causal": causal, "windows": windows, "floor": ref.kernel_entropy_floor(scale.scale(stack))}
         ref.assert_exact(mass.result()[stack], ref.sink_mass, [call], err_msg=f"{stack} mass", **visible)
         ref.assert_exact(first_four.result()[stack], ref.sink_mass, [call], positions=(0, 1, 2, 3),
                          err_msg=f"{stack} first_four", **visible)
@@ -108,7 +116,8 @@ def test_sink_reducers_equal_eager_attention(case) -> None:
         exact = ref.received(ref.in_float64([call]), causal=causal, windows=windows)
         for layer, table in tables.items():
             mine = received.result()[(stack, layer)][0]
-            ref.assert_matches_eager(mine[:, : table.shape[1]], table, exact[layer], err_msg=f"{stack} {layer}")
+            ref.assert_matches_eager(mine[:, : table.shape[1]], table, exact[layer], err_msg=f"{stack} {layer}",
+                                     floor=visible["floor"])
     if name == "gpt_oss":  # the learned sink withholds mass: clearly nonzero, head by head
         assert residual.result()["self"].min() > 0.01
     if name == "gemma3":  # the sliding window hides the first token from later queries; they are left out

@@ -626,6 +626,8 @@ def _kernel_attention(
         lse = lse32  # (the same normaliser as E_p[k]'s)
     if "position" in wanted:
         expectations["position"] = _expected_position(query, key, bias, causal, scaling)
+    received = (_received(query, key, lse, allowed, causal, validity.query_valid, scaling)
+                if "received" in wanted else None)
 
     def expected(what: str) -> torch.Tensor:
         if what not in expectations:
@@ -636,7 +638,7 @@ def _kernel_attention(
                       key_start=validity.key_start, call=session.call, queries=n_queries, keys=n_keys,
                       causal=not cross and _sees_no_later_key(session, module, query, mask, is_causal)
                       if any(r.needs_causal for r in reducers) else False,
-                      logits_at=logits_at, expected=expected)
+                      logits_at=logits_at, expected=expected, received=lambda: received)
     for reducer in reducers:
         reducer.update_kernel(call)
     return output.transpose(1, 2).contiguous(), None
@@ -658,6 +660,40 @@ def _bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
     return mask.to(dtype)
+
+
+def _received(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, allowed: torch.Tensor | None, causal: bool,
+              valid: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention each key receives from the valid queries, sum_t A[t, s] (B, H, K) float64, and how many valid
+    queries see it (B, H, K), from one kernel call with queries and keys exchanged: the keys [k_s, 1] attend to the
+    queries [scale q_t, -L_t], so that the call's log-sum-exp for key s is log sum_t exp(x_ts - L_t)."""
+    batch, heads, n_queries, _ = query.shape
+    n_keys = key.shape[2]
+    queries = query.float() * scaling
+    # A query that does not count gets a logit too low for exp (finite: no inf meets a zero inside the kernel).
+    hidden = torch.finfo(torch.float32).min / 4
+    shift = torch.where(valid[:, None, :], -lse, hidden)[..., None]
+    augmented_queries = torch.cat([queries, shift], dim=-1)
+    keys = key.float().repeat_interleave(heads // key.shape[1], dim=1)
+    augmented_keys = torch.cat([keys, keys.new_ones(batch, heads, n_keys, 1)], dim=-1)
+    values = torch.zeros_like(augmented_queries)
+    bias, exchanged_causal = None, False
+    if allowed is not None:
+        sees = allowed.expand(batch, allowed.shape[1], n_queries, n_keys) & valid[:, None, :, None]
+        seen = sees.sum(dim=2, dtype=torch.float64)  # (B, Hm, K)
+        bias = torch.zeros(sees.transpose(-1, -2).shape, device=query.device).masked_fill_(
+            ~sees.transpose(-1, -2), float("-inf"))
+    elif causal:  # key s is seen by queries t >= s: causal once both axes are reversed
+        augmented_queries, augmented_keys, values = (t.flip(2) for t in (augmented_queries, augmented_keys, values))
+        exchanged_causal = True
+        seen = valid.double().flip(-1).cumsum(-1).flip(-1)[:, None, :]
+    else:  # every query sees every key
+        seen = valid.double().sum(-1)[:, None, None].expand(batch, 1, n_keys)
+    _, exchanged = _fused(augmented_keys, augmented_queries, values, bias, exchanged_causal, 1.0)
+    if exchanged_causal:
+        exchanged = exchanged.flip(-1)
+    seen = seen.expand(batch, heads, n_keys)
+    return torch.where(seen > 0, exchanged.double().exp(), 0.0), seen
 
 
 def _expected_position(query: torch.Tensor, key: torch.Tensor, bias: torch.Tensor | None, causal: bool,

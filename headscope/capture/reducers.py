@@ -85,6 +85,9 @@ class KernelCall:
     # "logit" -> E_p[x] (B, H, Q); "position" -> E_p[key index] (B, H, Q); both float64 (what reducers' ``expects``
     # name, computed before any reducer reads the call)
     expected: Callable[[str], torch.Tensor]
+    # () -> (received (B, H, K) float64: sum over valid queries t of A[t, s]; seen (B, H, K) float64: how many valid
+    # queries see key s); what reducers whose ``expects`` names "received" read
+    received: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def relative_keys(self) -> torch.Tensor:
         """(B, K) key index relative to each example's first real token."""
