@@ -92,16 +92,23 @@ def _full_map_heads(name: str) -> list[tuple[str, int, int]]:
     return [(tiny.self_stack, 0, 1), (other, last.layers - 1, last.heads - 1)]
 
 
+def _statistic_reducers(case: tuple[str, int, str | None]) -> dict[str, object]:
+    """The reducers of per-head statistics (each has a kernel form), fresh."""
+    return {
+        "key_mass": KeyMass(),
+        "key_mass_012": KeyMass(positions=(0, 1, 2)),
+        "key_mass_mask": KeyMass(key_mask=_key_mask(case), stacks={tm.get(case[0]).self_stack}),
+        "entropy": Entropy(),
+    }
+
+
 @functools.cache
 def _captured(case: tuple[str, int, str | None], chunk: int | None) -> dict[str, object]:
     """Every reducer filled by one forward inside one capture."""
     name, batch, padding = case
     tiny = tm.get(name)
     reducers = {
-        "key_mass": KeyMass(),
-        "key_mass_012": KeyMass(positions=(0, 1, 2)),
-        "key_mass_mask": KeyMass(key_mask=_key_mask(case), stacks={tiny.self_stack}),
-        "entropy": Entropy(),
+        **_statistic_reducers(case),
         "mean_distance": MeanDistance(),
         "argmax": ArgmaxKey(),
         "last_row": LastRow(),
@@ -117,13 +124,7 @@ def _kernel_captured(case: tuple[str, int, str | None]) -> tuple[dict[str, objec
     """The reducers that have a kernel form, filled by one forward on the automatic path; and the scope's paths."""
     name, batch, padding = case
     tiny = tm.get(name)
-    reducers = {
-        "key_mass": KeyMass(),
-        "key_mass_012": KeyMass(positions=(0, 1, 2)),
-        "key_mass_mask": KeyMass(key_mask=_key_mask(case), stacks={tiny.self_stack}),
-        "entropy": Entropy(),
-        "logit_scale": ref.LogitScale(),
-    }
+    reducers = {**_statistic_reducers(case), "logit_scale": ref.LogitScale()}
     distance = MeanDistance()  # (on its own: where it sends a call to the chunked path, the others stay)
     paths = []
     for capture in (reducers.values(), (distance,)):

@@ -561,6 +561,23 @@ def _fused_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, b
     return out[0], out[1][..., : query.shape[2]].float()
 
 
+def _call_rules(session: _Session | None, module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                value: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None,
+                is_causal: bool | None) -> tuple[float, bool, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """What both paths read from a call as SDPA (or eager) would: the scaling, whether the call is causal without a
+    mask, the keys and values (cut to the queries for a prefill into a pre-allocated cache), and the mask cut to
+    the keys."""
+    n_queries, n_keys = query.shape[2], key.shape[2]
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    # SDPA's rule where SDPA is the model's path; eager's (a causal mask is always built) where eager is
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(causal) and n_queries > 1 and attention_mask is None and not (session is not None and session.masked)
+    if causal and n_keys > n_queries:  # SDPA's rule for a prefill into a pre-allocated cache
+        key, value, n_keys = key[:, :, :n_queries], value[:, :, :n_queries], n_queries
+    mask = attention_mask[..., :n_keys] if attention_mask is not None else None
+    return scaling, causal, key, value, mask
+
+
 def _kernel_attention(
     session: _Session,
     site: Site,
@@ -576,14 +593,11 @@ def _kernel_attention(
 ) -> tuple[torch.Tensor, None]:
     """Attention by the fused kernel, the reducers fed from its row log-sum-exp: no (queries x keys) matrix."""
     batch, heads, n_queries, head_dim = query.shape
-    kv_heads, n_keys = key.shape[1], key.shape[2]
+    kv_heads = key.shape[1]
     group = heads // kv_heads
-    scaling = head_dim**-0.5 if scaling is None else scaling
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    causal = bool(causal) and n_queries > 1 and attention_mask is None and not session.masked
-    if causal and n_keys > n_queries:  # SDPA's rule for a prefill into a pre-allocated cache
-        key, value, n_keys = key[:, :, :n_queries], value[:, :, :n_queries], n_queries
-    mask = attention_mask[..., :n_keys] if attention_mask is not None else None
+    scaling, causal, key, value, mask = _call_rules(session, module, query, key, value, attention_mask, scaling,
+                                                    is_causal)
+    n_keys = key.shape[2]
     cross = site.kind == "cross"
     validity = _validity(session, site, mask, batch, n_queries, n_keys, cross, query.device)
     allowed = None if mask is None else mask if mask.dtype == torch.bool else mask > MASKED_BELOW
@@ -616,7 +630,7 @@ def _kernel_attention(
         return logits.masked_fill(~visible, float("-inf")), visible
 
     wanted = set(what for r in reducers for what in r.expects)
-    expectations: dict[str, torch.Tensor] = {}
+    expectations: dict[str, object] = {}
     if "logit" in wanted or (query.dtype != torch.float32 and query.device.type == "cpu"):
         # One float32 call with the keys as values: E_p[k] for entropy, and, for a half-precision model on CPU, the
         # row log-sum-exp in float32 (the CPU flash kernel's own is only good to ~5e-5 in bfloat16).
@@ -626,19 +640,14 @@ def _kernel_attention(
         lse = lse32  # (the same normaliser as E_p[k]'s)
     if "position" in wanted:
         expectations["position"] = _expected_position(query, key, bias, causal, scaling)
-    received = (_received(query, key, lse, allowed, causal, validity.query_valid, scaling)
-                if "received" in wanted else None)
-
-    def expected(what: str) -> torch.Tensor:
-        if what not in expectations:
-            raise KeyError(f"a reducer read the expectation {what!r} without naming it in its expects")
-        return expectations[what]
+    if "received" in wanted:
+        expectations["received"] = _received(query, key, lse, allowed, causal, validity.query_valid, scaling)
     call = KernelCall(site=site, lse=lse, query_index=torch.arange(n_queries, device=query.device),
                       query_position=positions, query_valid=validity.query_valid, key_valid=validity.key_valid,
                       key_start=validity.key_start, call=session.call, queries=n_queries, keys=n_keys,
                       causal=not cross and _sees_no_later_key(session, module, query, mask, is_causal)
                       if any(r.needs_causal for r in reducers) else False,
-                      logits_at=logits_at, expected=expected, received=lambda: received)
+                      logits_at=logits_at, expectations=expectations)
     for reducer in reducers:
         reducer.update_kernel(call)
     return output.transpose(1, 2).contiguous(), None
@@ -733,15 +742,11 @@ def _chunked_attention(
     **_: object,
 ) -> tuple[torch.Tensor, None]:
     batch, heads, n_queries, head_dim = query.shape
-    kv_heads, n_keys = key.shape[1], key.shape[2]
+    kv_heads = key.shape[1]
     group = heads // kv_heads
-    scaling = head_dim**-0.5 if scaling is None else scaling
-    # SDPA's rule where SDPA is the model's path; eager's (a causal mask is always built) where eager is
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    causal = bool(causal) and n_queries > 1 and attention_mask is None and not (session is not None and session.masked)
-    if causal and n_keys > n_queries:  # SDPA's rule for a prefill into a pre-allocated cache
-        key, value, n_keys = key[:, :, :n_queries], value[:, :, :n_queries], n_queries
-    mask = attention_mask[..., :n_keys] if attention_mask is not None else None
+    scaling, causal, key, value, mask = _call_rules(session, module, query, key, value, attention_mask, scaling,
+                                                    is_causal)
+    n_keys = key.shape[2]
     offset = n_keys - n_queries
     cross = site is not None and site.kind == "cross"
     validity = _validity(session, site, mask, batch, n_queries, n_keys, cross, query.device) if reducers else None

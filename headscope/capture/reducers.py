@@ -21,14 +21,11 @@ from headscope.errors import MemoryBudgetError
 
 
 @dataclass
-class Chunk:
-    """One chunk of attention probabilities and what the reducers need to read it.
+class _Queries:
+    """What a chunk and a kernel call share: which queries and keys of the call they cover, and where.
 
     Attributes:
         site: the attention module (stack, layer, heads).
-        probs: (B, H, C, K) float32 attention probabilities; masked keys hold 0.
-        logits: (B, H, C, K) float32 scores after masking, shifted so each row's maximum is 0, or None;
-            ``probs = softmax(logits)``. Provided only when some reducer sets ``needs_logits``.
         query_index: (C,) index of each query among the call's queries.
         query_position: (C,) position of each query on the key axis (self-attention), or None (cross).
         query_valid: (B, C) bool, False for padding queries.
@@ -41,8 +38,6 @@ class Chunk:
     """
 
     site: Site
-    probs: torch.Tensor
-    logits: torch.Tensor | None
     query_index: torch.Tensor
     query_position: torch.Tensor | None
     query_valid: torch.Tensor
@@ -54,44 +49,53 @@ class Chunk:
 
     def relative_keys(self) -> torch.Tensor:
         """(B, K) key index relative to each example's first real token."""
-        return torch.arange(self.probs.shape[-1], device=self.probs.device)[None, :] - self.key_start[:, None]
+        return torch.arange(self.key_valid.shape[-1], device=self.key_valid.device)[None, :] - self.key_start[:, None]
 
 
 @dataclass
-class KernelCall:
+class Chunk(_Queries):
+    """One chunk of attention probabilities and what the reducers need to read it (the chunked path).
+
+    Attributes as in :class:`_Queries` (``key_valid`` cut to the keys the chunk sees), and:
+        probs: (B, H, C, K) float32 attention probabilities; masked keys hold 0.
+        logits: (B, H, C, K) float32 scores after masking, shifted so each row's maximum is 0, or None;
+            ``probs = softmax(logits)``. Provided only when some reducer sets ``needs_logits``.
+    """
+
+    probs: torch.Tensor
+    logits: torch.Tensor | None
+
+
+@dataclass
+class KernelCall(_Queries):
     """One call of attention as a fused kernel computes it (the kernel path): no probabilities, but each query
     row's log-sum-exp L_t, from which expectations and point values of the probabilities follow exactly:
     A[t, s] = exp(x_ts - L_t) for any key s, and sum_s A[t, s] x_ts = E_p[x] from one more kernel call.
 
-    Attributes as in :class:`Chunk` (the call is one chunk of all its queries), and:
+    Attributes as in :class:`_Queries` (the call is one chunk of all its queries), and:
         lse: (B, H, Q) float32 natural log-sum-exp of each query row's logits x (masked keys left out).
         causal: whether no query sees a key after its own position (known only when a reducer asks for it
             through ``needs_causal``; else False).
+        logits_at: index (B, Q or 1, n) of keys -> (B, H, Q, n) float32 logits and their visibility (bool).
+        expectations: what the reducers' ``expects`` name, computed before any reducer reads the call:
+            "logit" E_p[x] (B, H, Q), "position" E_p[key index] (B, H, Q), "received" (sum over valid queries t
+            of A[t, s], how many valid queries see key s), each (B, H, K); all float64.
     """
 
-    site: Site
     lse: torch.Tensor
-    query_index: torch.Tensor
-    query_position: torch.Tensor | None
-    query_valid: torch.Tensor
-    key_valid: torch.Tensor
-    key_start: torch.Tensor
-    call: int
-    queries: int
-    keys: int
     causal: bool
-    # index (B, Q or 1, n) of keys -> (B, H, Q, n) float32 logits with their visibility (bool, same shape)
     logits_at: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-    # "logit" -> E_p[x] (B, H, Q); "position" -> E_p[key index] (B, H, Q); both float64 (what reducers' ``expects``
-    # name, computed before any reducer reads the call)
-    expected: Callable[[str], torch.Tensor]
-    # () -> (received (B, H, K) float64: sum over valid queries t of A[t, s]; seen (B, H, K) float64: how many valid
-    # queries see key s); what reducers whose ``expects`` names "received" read
-    received: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+    expectations: dict[str, object]
 
-    def relative_keys(self) -> torch.Tensor:
-        """(B, K) key index relative to each example's first real token."""
-        return torch.arange(self.keys, device=self.lse.device)[None, :] - self.key_start[:, None]
+    def expected(self, what: str):
+        """The expectation ``what`` (see ``expectations``); a reducer that reads one names it in ``expects``."""
+        if what not in self.expectations:
+            raise KeyError(f"a reducer read the expectation {what!r} without naming it in its expects")
+        return self.expectations[what]
+
+    def received(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(received, seen) per key, (B, H, K) float64 each: see ``expectations``."""
+        return self.expected("received")
 
     def probs_at(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, H, Q, n) probabilities of the keys ``index`` (B, Q or 1, n), 0 where hidden; and their visibility."""
