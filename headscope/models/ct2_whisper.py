@@ -1,7 +1,8 @@
 """Read CTranslate2 Whisper models and convert them to transformers ``WhisperForConditionalGeneration``.
 
 A CTranslate2 (CT2) model folder holds ``model.bin`` (the weights), ``config.json`` (decoding settings such as
-``alignment_heads``, ``suppress_ids`` and ``suppress_ids_begin``) and ``tokenizer.json``.
+``alignment_heads``, ``lang_ids``, ``suppress_ids`` and ``suppress_ids_begin``) and ``tokenizer.json``. A package
+may ship ``model.bin`` split into pieces, which are read joined in order.
 
 ``model.bin`` is little-endian:
 
@@ -23,6 +24,12 @@ cross-attention, ``decoder/layer_N/attention``, has ``linear_0`` (q), ``linear_1
 ``layer_norm`` has ``gamma`` and ``beta``; linear layers have ``weight`` (out x in, as in torch) and ``bias``.
 The output projection ``decoder/projection/weight`` is an alias of ``decoder/embeddings/weight``.
 Quantised models carry ``weight_scale`` variables; they are refused rather than dequantised.
+
+English-only Whisper (``.en``, vocabulary 51864) and multilingual Whisper (51865) differ in their special tokens:
+the multilingual vocabulary has one more text token, so every control token sits one id higher, and its decoder
+is prompted ``<|startoftranscript|><|en|><|transcribe|><|notimestamps|>`` rather than
+``<|startoftranscript|><|notimestamps|>``. The converter reads the control tokens' ids from ``tokenizer.json``
+by name, and tells the two apart by the vocabulary size (as OpenAI's ``whisper`` package does).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import re
 import shutil
 import struct
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,12 +57,14 @@ SUPPORTED_VERSIONS = (4, 5, 6)
 _BF16 = 5
 _DTYPES = {0: np.dtype("<f4"), 1: np.dtype("i1"), 2: np.dtype("<i2"), 3: np.dtype("<i4"), 4: np.dtype("<f2")}
 
-# English-only Whisper: its vocabulary size and special tokens.
 ENGLISH_VOCAB_SIZE = 51864
-END_OF_TEXT = 50256
-START_OF_TRANSCRIPT = 50257
-START_OF_PREV = 50360
-NO_TIMESTAMPS = 50362
+MULTILINGUAL_VOCAB_SIZE = 51865
+END_OF_TEXT = "<|endoftext|>"
+START_OF_TRANSCRIPT = "<|startoftranscript|>"
+START_OF_PREV = "<|startofprev|>"
+NO_TIMESTAMPS = "<|notimestamps|>"
+TASKS = ("transcribe", "translate")
+LANGUAGE = "en"  # what a multilingual model is told to transcribe unless generate is given another language
 TIMESTAMP_COUNT = 1501  # <|0.00|> to <|30.00|> in steps of 0.02 s
 TIED_PROJECTION = "decoder/projection/weight"
 EMBEDDINGS = "decoder/embeddings/weight"
@@ -63,7 +73,7 @@ _LINEAR_PARTS = {"weight": "weight", "bias": "bias"}
 _NORM_PARTS = {"gamma": "weight", "beta": "bias"}
 
 
-def _corrupt(path: Path, detail: str) -> HeadscopeError:
+def _corrupt(path: Path | str, detail: str) -> HeadscopeError:
     """Return the error for a malformed ``model.bin``."""
     return HeadscopeError(f"{path} is corrupt ({detail}); copy or download the model again.")
 
@@ -71,7 +81,7 @@ def _corrupt(path: Path, detail: str) -> HeadscopeError:
 class _Reader:
     """A cursor over the bytes of ``model.bin`` that turns short reads into a HeadscopeError."""
 
-    def __init__(self, data: bytes, path: Path) -> None:
+    def __init__(self, data: bytes, path: Path | str) -> None:
         self.data = data
         self.path = path
         self.offset = 0
@@ -97,17 +107,20 @@ class _Reader:
         return raw[:-1].decode("utf-8")
 
 
-def read_ct2_model(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Parse a CTranslate2 ``model.bin`` into its variables and aliases.
+def read_ct2_model(*pieces: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Parse a CTranslate2 ``model.bin`` (or the pieces it was split into, joined in the order given) into its
+    variables and aliases.
 
     Returns ``(variables, aliases)``: variables map names to read-only arrays of the stored shape and dtype
     (bf16, which numpy lacks, is widened to float32 exactly); aliases map an alias to the variable it names.
-    Raises HeadscopeError if the file is missing, of an unsupported format version, or malformed.
+    Raises HeadscopeError if a file is missing, of an unsupported format version, or malformed.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise HeadscopeError(f"{path} does not exist; point to the model.bin of a CTranslate2 model folder.")
-    reader = _Reader(path.read_bytes(), path)
+    paths = [Path(piece) for piece in pieces]
+    for path in paths:
+        if not path.is_file():
+            raise HeadscopeError(f"{path} does not exist; point to the model.bin of a CTranslate2 model folder.")
+    path = paths[0] if len(paths) == 1 else " + ".join(str(piece) for piece in paths) + " (joined)"
+    reader = _Reader(b"".join(piece.read_bytes() for piece in paths), path)
     version = reader.unpack("I")
     if version not in SUPPORTED_VERSIONS:
         raise HeadscopeError(
@@ -157,34 +170,37 @@ def find_ct2_whisper_dir() -> Path:
     return folder
 
 
-def convert_ct2_whisper(src_dir: Path, dst_dir: Path) -> Path:
+def convert_ct2_whisper(src_dir: Path, dst_dir: Path, weights: Sequence[Path] = ()) -> Path:
     """Convert the CTranslate2 Whisper model in ``src_dir`` into a transformers model folder ``dst_dir``.
 
-    Reads ``model.bin``, ``config.json`` and ``tokenizer.json``; writes float32 safetensors weights, the
-    model and generation configs, the tokenizer and the feature extractor, so that both
-    ``WhisperForConditionalGeneration.from_pretrained(dst_dir)`` and
-    ``WhisperProcessor.from_pretrained(dst_dir)`` work offline. The folder is built beside ``dst_dir``
-    and moved into place at the end, replacing any previous ``dst_dir``. Only English-only float models
-    are supported. Returns ``dst_dir``.
+    Reads ``model.bin`` (or ``weights``, the pieces it was split into, joined in order), ``config.json`` and
+    ``tokenizer.json``; writes float32 safetensors weights, the model and generation configs, the tokenizer
+    and the feature extractor, so that both ``WhisperForConditionalGeneration.from_pretrained(dst_dir)`` and
+    ``WhisperProcessor.from_pretrained(dst_dir)`` work offline. The folder is built beside ``dst_dir`` and
+    moved into place at the end, replacing any previous ``dst_dir``. English-only and multilingual float
+    models are supported; a multilingual one transcribes English unless ``generate`` is given another
+    ``language`` (its generation config names ``language="en"`` and ``task="transcribe"``). Returns ``dst_dir``.
     """
     from transformers import WhisperForConditionalGeneration
 
     src_dir, dst_dir = Path(src_dir), Path(dst_dir)
-    _require_files(src_dir, ("model.bin", "config.json", "tokenizer.json"))
-    variables, aliases = read_ct2_model(src_dir / "model.bin")
+    _require_files(src_dir, ("config.json", "tokenizer.json", *(() if weights else ("model.bin",))))
+    variables, aliases = read_ct2_model(*(weights or [src_dir / "model.bin"]))
     _check_whisper(variables, aliases, src_dir)
+    token_ids = _token_ids(src_dir / "tokenizer.json")
     try:
-        config = _whisper_config(variables)
+        config = _whisper_config(variables, token_ids)
         state_dict = _hf_state_dict(variables, config)
+        generation_config = _generation_config(json.loads((src_dir / "config.json").read_text()), config, token_ids,
+                                               src_dir)
     except KeyError as error:
         raise HeadscopeError(
-            f"{src_dir / 'model.bin'} lacks the Whisper variable {error}; "
-            "re-export the model with CTranslate2."
+            f"{src_dir} lacks the Whisper variable or control token {error}; re-export the model with CTranslate2."
         ) from error
     model = WhisperForConditionalGeneration(config)
     model.load_state_dict(state_dict, strict=True)
-    model.generation_config = _generation_config(json.loads((src_dir / "config.json").read_text()), config)
-    processor = _processor(src_dir / "tokenizer.json", config)
+    model.generation_config = generation_config
+    processor = _processor(src_dir / "tokenizer.json", config, token_ids)
     staging = dst_dir.parent / f".{dst_dir.name}.tmp-{uuid.uuid4().hex}"
     staging.mkdir(parents=True)
     try:
@@ -208,7 +224,8 @@ def _require_files(folder: Path, names: tuple[str, ...]) -> None:
 
 
 def _check_whisper(variables: dict[str, np.ndarray], aliases: dict[str, str], src_dir: Path) -> None:
-    """Refuse files that are not an English-only, unquantised Whisper with a tied output projection."""
+    """Refuse files that are not an unquantised Whisper, English-only or multilingual, with a tied output
+    projection."""
     if "encoder/conv1/weight" not in variables or EMBEDDINGS not in variables:
         raise HeadscopeError(f"{src_dir} does not hold a CTranslate2 Whisper model; point to one that does.")
     if any(name.endswith("_scale") for name in variables):
@@ -221,11 +238,17 @@ def _check_whisper(variables: dict[str, np.ndarray], aliases: dict[str, str], sr
             "re-export the model with CTranslate2's Whisper converter."
         )
     vocab_size = variables[EMBEDDINGS].shape[0]
-    if vocab_size != ENGLISH_VOCAB_SIZE:
+    if vocab_size not in (ENGLISH_VOCAB_SIZE, MULTILINGUAL_VOCAB_SIZE):
         raise HeadscopeError(
-            f"{src_dir} has a vocabulary of {vocab_size}; only English-only Whisper models "
-            f"({ENGLISH_VOCAB_SIZE}) are supported; use an `.en` model such as tiny.en."
+            f"{src_dir} has a vocabulary of {vocab_size}; headscope converts Whisper models with the English-only "
+            f"({ENGLISH_VOCAB_SIZE}) or multilingual ({MULTILINGUAL_VOCAB_SIZE}) vocabulary."
         )
+
+
+def _token_ids(tokenizer_file: Path) -> dict[str, int]:
+    """The ids of the tokenizer's special added tokens (Whisper's control and language tokens), by content."""
+    added = json.loads(tokenizer_file.read_text(encoding="utf-8")).get("added_tokens", [])
+    return {token["content"]: token["id"] for token in added if token["special"]}
 
 
 def _layer_count(variables: dict[str, np.ndarray], stack: str) -> int:
@@ -234,8 +257,9 @@ def _layer_count(variables: dict[str, np.ndarray], stack: str) -> int:
     return len({match.group(1) for name in variables if (match := pattern.match(name))})
 
 
-def _whisper_config(variables: dict[str, np.ndarray]) -> WhisperConfig:
-    """Build a WhisperConfig whose sizes come from the tensors' shapes and the stored head counts."""
+def _whisper_config(variables: dict[str, np.ndarray], token_ids: dict[str, int]) -> WhisperConfig:
+    """Build a WhisperConfig whose sizes come from the tensors' shapes and the stored head counts, and whose
+    special tokens come from the tokenizer."""
     from transformers import WhisperConfig
 
     vocab_size, d_model = variables[EMBEDDINGS].shape
@@ -251,10 +275,10 @@ def _whisper_config(variables: dict[str, np.ndarray]) -> WhisperConfig:
         decoder_ffn_dim=variables["decoder/layer_0/ffn/linear_0/weight"].shape[0],
         max_source_positions=variables["encoder/position_encodings/encodings"].shape[0],
         max_target_positions=variables["decoder/position_encodings/encodings"].shape[0],
-        bos_token_id=START_OF_TRANSCRIPT,
-        decoder_start_token_id=START_OF_TRANSCRIPT,
-        eos_token_id=END_OF_TEXT,
-        pad_token_id=END_OF_TEXT,
+        bos_token_id=token_ids[START_OF_TRANSCRIPT],
+        decoder_start_token_id=token_ids[START_OF_TRANSCRIPT],
+        eos_token_id=token_ids[END_OF_TEXT],
+        pad_token_id=token_ids[END_OF_TEXT],
         tie_word_embeddings=True,
     )
 
@@ -326,31 +350,49 @@ def _hf_state_dict(variables: dict[str, np.ndarray], config: WhisperConfig) -> d
     return out
 
 
-def _generation_config(ct2_config: dict, config: WhisperConfig) -> GenerationConfig:
-    """Build the generation config of an English-only Whisper, taking token lists from CT2's config.json."""
+def _generation_config(ct2_config: dict, config: WhisperConfig, token_ids: dict[str, int],
+                       src_dir: Path) -> GenerationConfig:
+    """Build the generation config as transformers' Whisper ``generate`` reads it, taking token lists from CT2's
+    config.json.
+
+    A multilingual model also gets ``lang_to_id`` (from CT2's ``lang_ids``), ``task_to_id``, and ``language``
+    and ``task`` set to English transcription: ``generate`` then prompts
+    ``<|startoftranscript|><|en|><|transcribe|><|notimestamps|>`` without a language-detection pass (an extra
+    decoder call that a capture would count). These two replace the old ``forced_decoder_ids``, which
+    transformers deprecates.
+    """
     from transformers import GenerationConfig
 
+    end_of_text = token_ids[END_OF_TEXT]
     settings = {
-        "bos_token_id": START_OF_TRANSCRIPT,
-        "decoder_start_token_id": START_OF_TRANSCRIPT,
-        "eos_token_id": END_OF_TEXT,
-        "pad_token_id": END_OF_TEXT,
-        "no_timestamps_token_id": NO_TIMESTAMPS,
-        "prev_sot_token_id": START_OF_PREV,
-        "is_multilingual": False,
+        "bos_token_id": token_ids[START_OF_TRANSCRIPT],
+        "decoder_start_token_id": token_ids[START_OF_TRANSCRIPT],
+        "eos_token_id": end_of_text,
+        "pad_token_id": end_of_text,
+        "no_timestamps_token_id": token_ids[NO_TIMESTAMPS],
+        "prev_sot_token_id": token_ids[START_OF_PREV],
+        "is_multilingual": config.vocab_size == MULTILINGUAL_VOCAB_SIZE,
         "max_initial_timestamp_index": 50,
         "max_length": config.max_target_positions,
         "return_timestamps": False,
-        "begin_suppress_tokens": ct2_config.get("suppress_ids_begin", [220, END_OF_TEXT]),
+        "begin_suppress_tokens": ct2_config.get("suppress_ids_begin", [220, end_of_text]),
     }
     if "suppress_ids" in ct2_config:
         settings["suppress_tokens"] = ct2_config["suppress_ids"]
     if "alignment_heads" in ct2_config:
         settings["alignment_heads"] = ct2_config["alignment_heads"]
+    if settings["is_multilingual"]:
+        if "lang_ids" not in ct2_config:
+            raise HeadscopeError(f"{src_dir / 'config.json'} lacks lang_ids, which a multilingual Whisper needs; "
+                                 "re-export the model with CTranslate2's Whisper converter.")
+        tokens = {token_id: content for content, token_id in token_ids.items()}
+        settings["lang_to_id"] = {tokens[token_id]: token_id for token_id in ct2_config["lang_ids"]}
+        settings["task_to_id"] = {task: token_ids[f"<|{task}|>"] for task in TASKS}
+        settings["language"], settings["task"] = LANGUAGE, TASKS[0]
     return GenerationConfig(**settings)
 
 
-def _processor(tokenizer_file: Path, config: WhisperConfig) -> WhisperProcessor:
+def _processor(tokenizer_file: Path, config: WhisperConfig, token_ids: dict[str, int]) -> WhisperProcessor:
     """Build the tokenizer (with Whisper's timestamp tokens) and feature extractor for the model.
 
     The control tokens (``<|startoftranscript|>`` to ``<|notimestamps|>``) become the tokenizer's extra
@@ -359,12 +401,12 @@ def _processor(tokenizer_file: Path, config: WhisperConfig) -> WhisperProcessor:
     """
     from transformers import WhisperFeatureExtractor, WhisperProcessor, WhisperTokenizerFast
 
-    added = json.loads(tokenizer_file.read_text(encoding="utf-8")).get("added_tokens", [])
-    controls = [
-        t["content"] for t in sorted(added, key=lambda t: t["id"]) if t["special"] and t["id"] > END_OF_TEXT
-    ]
+    controls = [content for content, token_id in sorted(token_ids.items(), key=lambda item: item[1])
+                if token_id > token_ids[END_OF_TEXT]]
+    # a multilingual model's text is prefixed as generate prompts it: <|startoftranscript|><|en|><|transcribe|>...
+    language = {"language": LANGUAGE, "task": TASKS[0]} if config.vocab_size == MULTILINGUAL_VOCAB_SIZE else {}
     tokenizer = WhisperTokenizerFast(
-        tokenizer_file=str(tokenizer_file), pad_token="<|endoftext|>", extra_special_tokens=controls
+        tokenizer_file=str(tokenizer_file), pad_token=END_OF_TEXT, extra_special_tokens=controls, **language
     )
     tokenizer.add_tokens([f"<|{index * 0.02:.2f}|>" for index in range(TIMESTAMP_COUNT)])
     if len(tokenizer) != config.vocab_size:

