@@ -1,0 +1,464 @@
+"""Published findings, reproduced on the packaged models: the regression suite behind ``docs/published.md``.
+
+Each :class:`Finding` names a paper's result, the protocol headscope follows (the paper's parameters, scaled only
+where this machine forces it, and then saying how), the paper's model and number, and a ``measure`` function
+that runs the protocol through headscope's own analyses and returns a :class:`Reproduction`: the table of the
+paper's and headscope's numbers, and the claims checked against them. ``headscope reproduce`` runs them and
+writes the page; ``tests/test_published.py`` runs each one and fails when a claim's outcome changes (a claim the
+small models do not reproduce is recorded as such, with its numbers, and must stay so until someone looks).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from headscope.errors import HeadscopeError
+
+START = "<!-- published:start -->"
+END = "<!-- published:end -->"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of a finding's table: a quantity as the paper measured it and as headscope measures it."""
+
+    quantity: str
+    paper_model: str
+    paper: str
+    model: str
+    measured: str
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What the paper found, as checked here: ``holds`` is the outcome; ``expected`` what the suite pins (False
+    for a finding these small models do not reproduce, with ``why``)."""
+
+    text: str
+    holds: bool
+    measured: str
+    expected: bool = True
+    why: str = ""
+
+    @property
+    def as_expected(self) -> bool:
+        return self.holds == self.expected
+
+
+@dataclass
+class Reproduction:
+    finding: Finding
+    rows: list[Row]
+    claims: list[Claim]
+    seconds: float = 0.0
+
+    @property
+    def as_expected(self) -> bool:
+        return all(claim.as_expected for claim in self.claims)
+
+
+@dataclass(frozen=True)
+class Finding:
+    name: str
+    title: str
+    source: str
+    protocol: str
+    measure: Callable[[], tuple[list[Row], list[Claim]]] = field(repr=False)
+
+    def reproduce(self) -> Reproduction:
+        started = time.perf_counter()
+        rows, claims = self.measure()
+        return Reproduction(self, rows, claims, time.perf_counter() - started)
+
+
+FINDINGS: dict[str, Finding] = {}
+
+
+def finding(name: str, title: str, source: str, protocol: str):
+    def register(measure: Callable[[], tuple[list[Row], list[Claim]]]):
+        FINDINGS[name] = Finding(name, title, source, protocol, measure)
+        return measure
+
+    return register
+
+
+def chosen(names: Sequence[str] = ()) -> list[Finding]:
+    """The findings named (all when none is), in the page's order; one error names an unknown one."""
+    unknown = [n for n in names if n not in FINDINGS]
+    if unknown:
+        raise HeadscopeError(f"no published finding named {', '.join(unknown)}: choose from {', '.join(FINDINGS)}")
+    return [FINDINGS[n] for n in (names or FINDINGS)]
+
+
+@cache
+def _loaded(alias: str):
+    import headscope
+
+    return headscope.load(alias)
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return f"{value:.{digits}g}"
+
+
+# --- Sun et al. 2024: massive activations -------------------------------------------------------------------------
+
+
+@finding(
+    "massive-activations",
+    "Massive activations on the first token, in the middle layers",
+    "Sun et al. 2024, \"Massive Activations in Large Language Models\" (Fig. 1-2, Table 1)",
+    "One forward pass of the shipped prose (the `sinks` analysis' `massive_activations` table): per layer's "
+    "residual output, an activation is massive when |x| > 100 and |x| > 1000 x the layer's median |x| (the "
+    "paper's thresholds).",
+)
+def _massive_activations() -> tuple[list[Row], list[Claim]]:
+    import headscope
+
+    rows, claims = [], []
+    for alias in ("smollm2-135m", "gemma3-270m"):
+        loaded = _loaded(alias)
+        table = headscope.run("sinks", loaded, max_tokens=256).tables["massive_activations"]
+        layers = int(table.layer.max()) + 1
+        massive = table[table.massive]
+        first = massive[massive.position == 0]
+        top = first.loc[first.value.abs().idxmax()] if len(first) else table.loc[table.value.abs().idxmax()]
+        massive_layers = sorted(set(first.layer))
+        middle = [layer for layer in massive_layers if layers / 6 <= layer < 5 * layers / 6]
+        in_middle = massive[massive.layer.isin(middle)]
+        dims, tokens = sorted(set(in_middle.dimension)), sorted(set(in_middle.position))
+        labels = {int(r.position): r.token for r in in_middle.itertuples()}
+        rows += [
+            Row("largest massive activation on the first token", "LLaMA2-7B", "about 2,600, on the first token, "
+                "dims 1415 and 2533", alias, f"{top.value:,.0f} (x{top.ratio:,.0f} the layer's median), layer "
+                f"{top.layer}, position 0 {top.token!r}, dim {top.dimension}"),
+            Row("layers with a massive activation on the first token", "LLaMA2-7B", "from layer 2 to the last few",
+                alias, f"{len(massive_layers)} of {layers}: {_span(massive_layers)}"),
+            Row("tokens and dimensions holding massive activations (middle layers)", "LLaMA2-7B",
+                "the first token and the first '.' or newline; dims 1415, 2533", alias,
+                f"tokens {', '.join(f'{p} {labels[p]!r}' for p in tokens)}; dims {', '.join(map(str, dims))}"),
+        ]
+        claims += [
+            Claim(f"{alias}: the first token carries an activation above 100 and 1000x the layer's median",
+                  len(first) > 0, f"{top.value:,.0f}, x{top.ratio:,.0f}"),
+            Claim(f"{alias}: the first token's massive activations fill the middle layers (at least half of the "
+                  "middle two thirds)", len(middle) >= (2 * layers / 3) / 2, f"{len(middle)} middle layers"),
+            Claim(f"{alias}: in the middle layers they sit on at most 2 tokens, the first among them, and in at "
+                  "most 2 dimensions", 0 in tokens and len(tokens) <= 2 and 0 < len(dims) <= 2,
+                  f"{len(tokens)} token(s), {len(dims)} dimension(s)"),
+        ]
+    return rows, claims
+
+
+def _span(layers: list[int]) -> str:
+    if not layers:
+        return "none"
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        return f"layers {layers[0]}-{layers[-1]}"
+    return "layers " + ", ".join(map(str, layers))
+
+
+# --- Olsson et al. 2022: induction heads --------------------------------------------------------------------------
+
+
+INDUCTION_HEADS = 5  # heads ablated: the top ones by induction score, and as many random ones
+RANDOM_DRAWS = 3
+COPY_SAMPLES = 20  # fresh sequences the copying loss is measured on
+
+
+@finding(
+    "induction-heads",
+    "Induction heads appear after the first layer, and in-context copying needs them",
+    "Olsson et al. 2022, \"In-context Learning and Induction Heads\" (Sec. 2, the repeated-random-tokens test)",
+    "The `patterns` analysis' induction score on [BOS] + r + r with r 50 random tokens (10 sequences); then the "
+    f"loss on the second copy of r (20 fresh sequences, seed 1) with the top {INDUCTION_HEADS} induction heads "
+    f"zero-ablated against {RANDOM_DRAWS} draws of {INDUCTION_HEADS} random heads.",
+)
+def _induction_heads() -> tuple[list[Row], list[Claim]]:
+    import headscope
+    from headscope.capture.engine import Scope
+    from headscope.capture.gates import Gates
+    from headscope.probes import repeated
+
+    loaded = _loaded("smollm2-135m")
+    model, tokenizer, _ = loaded
+    score = headscope.run("patterns", loaded).map("induction").values
+    layers, heads = score.shape
+    top_flat = np.argsort(-np.nan_to_num(score.ravel(), nan=-1.0), kind="stable")[:INDUCTION_HEADS]
+    generator = np.random.default_rng(0)
+    others = np.setdiff1d(np.arange(layers * heads), top_flat)
+    sets = [top_flat] + [generator.choice(others, INDUCTION_HEADS, replace=False) for _ in range(RANDOM_DRAWS)]
+    probe = repeated.build(tokenizer, samples=COPY_SAMPLES, seed=1)
+    scope = Scope(model)
+    losses = [_copy_loss(model, scope, probe)]
+    for flat in sets:
+        gates = Gates.zero([divmod(int(i), heads) for i in flat], layers, heads)
+        losses.append(_copy_loss(model, scope, probe, gates))
+    clean, top, random = losses[0], losses[1], losses[2:]
+    first_layer, later = float(np.nanmax(score[0])), float(np.nanmax(score[1:]))
+    names = ", ".join(f"{i // heads}.{i % heads}" for i in top_flat)
+    rows = [
+        Row("strongest induction score in layer 0 / in later layers", "small attention-only and large models",
+            "none in layer 0 (needs two layers: a previous-token head composes with it)", "smollm2-135m",
+            f"{first_layer:.3f} / {later:.3f}"),
+        Row("loss (nats) on the second copy: clean / top heads ablated / random heads ablated",
+            "small transformers", "copying collapses without induction heads", "smollm2-135m",
+            f"{clean:.3f} / {top:.3f} ({names}) / {', '.join(f'{r:.3f}' for r in random)}"),
+    ]
+    claims = [
+        Claim("no induction head in layer 0 (score < 0.1) while later layers hold strong ones (> 0.3)",
+              first_layer < 0.1 and later > 0.3, f"{first_layer:.3f} vs {later:.3f}"),
+        Claim(f"ablating the top {INDUCTION_HEADS} induction heads raises the second copy's loss by over 1 nat, and "
+              "by at least 3x what any random draw of as many heads does",
+              top - clean > 1.0 and top - clean > 3 * max(max(random) - clean, 0.01),
+              f"+{top - clean:.3f} vs +{max(random) - clean:.3f} at most"),
+    ]
+    return rows, claims
+
+
+def _copy_loss(model, scope, probe, gates=None) -> float:
+    """Mean next-token loss over the second copy of r (its first token excepted: nothing predicts it)."""
+    targets = probe.second_copy()[:, 1:].clone()
+    targets[:, probe.prefix + probe.length - 1] = False
+    with torch.no_grad(), scope.capture(gates=[gates] if gates is not None else []):
+        logits = model(input_ids=probe.input_ids.to(model.device), use_cache=False).logits[:, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), probe.input_ids[:, 1:].to(model.device),
+                                            reduction="none").cpu()
+    return float(nll[targets].mean())
+
+
+# --- Wu et al. 2024: retrieval heads -----------------------------------------------------------------------------
+
+
+RETRIEVAL = {"lengths": (512, 1024), "depths": 3, "needles": 2, "verify": True, "top_k": 10, "random_seeds": 3}
+
+
+@finding(
+    "retrieval-heads",
+    "Few retrieval heads, and masking them breaks needle retrieval",
+    "Wu et al. 2024, \"Retrieval Head Mechanistically Explains Long-Context Factuality\" (Sec. 3, Fig. 7)",
+    "The `retrieval` analysis (copy-paste score over needle-in-a-haystack tests whose answer the model recalls, "
+    "threshold 0.1) on the shipped haystack at 512 and 1,024 tokens, 3 depths, 2 needles (the paper: up to "
+    "50k tokens and 20 depths; scaled to the test suite's time on 2 cores); then each test decoded with the top "
+    "10 heads masked and with 3 draws of 10 random heads masked.",
+)
+def _retrieval_heads() -> tuple[list[Row], list[Claim]]:
+    import headscope
+
+    summary = headscope.run("retrieval", _loaded("smollm2-135m"), **RETRIEVAL).summary
+    share, verify = summary["retrieval_heads_share"], summary["verify"]
+    clean, top, random = verify["accuracy_clean"], verify["accuracy_top_k_masked"], verify["accuracy_random_masked"]
+    rows = [
+        Row("share of heads scoring above 0.1", "Llama-2-7B and others", "under 5%", "smollm2-135m",
+            f"{share:.1%} ({summary['retrieval_heads_count']} heads: {', '.join(summary['retrieval_heads'][:5])} ...)"),
+        Row("needle accuracy: clean / top 10 masked / 10 random masked", "Llama-2-7B-80K", "falls with the top heads "
+            "masked, barely with random ones", "smollm2-135m",
+            f"{clean:.2f} / {top:.2f} / {random:.2f} ({summary['tests']} tests)"),
+    ]
+    claims = [
+        Claim("under 5% of the heads are retrieval heads (score above 0.1)", 0 < share < 0.05, f"{share:.1%}"),
+        Claim("masking the top 10 retrieval heads breaks retrieval (accuracy at most half the clean one) while "
+              "masking 10 random heads keeps most of it (at least 60% of the clean accuracy)",
+              top <= clean / 2 and random >= 0.6 * clean, f"{top:.2f} vs {random:.2f} (clean {clean:.2f})"),
+    ]
+    return rows, claims
+
+
+# --- Michel et al. 2019 / Clark et al. 2019: an encoder's heads -------------------------------------------------
+
+
+@finding(
+    "encoder-heads",
+    "An encoder's heads: many can be pruned, and the middle layers attend to [SEP]",
+    "Michel et al. 2019, \"Are Sixteen Heads Really Better than One?\" (Fig. 3-4); Clark et al. 2019, \"What Does "
+    "BERT Look At?\" (Fig. 2)",
+    "MiniLM-L6 (BERT family, 6 x 12). Pruning: the `importance` analysis' gradient-importance pruning curve (the "
+    "model's own output as the objective, 10% of the heads per step), the largest share pruned before the "
+    "objective worsens by 0.05 (its `prunable_fraction`). Attention to special tokens: mean attention on [CLS] and "
+    "on [SEP] per layer over the shipped prose's paragraphs, one [CLS] ... [SEP] input each (Clark et al. use "
+    "1,000 Wikipedia segments of 128 tokens).",
+)
+def _encoder_heads() -> tuple[list[Row], list[Claim]]:
+    import headscope
+    from headscope.capture.engine import Scope
+    from headscope.capture.reducers import KeyMass
+    from headscope.probes import text as probe_text
+
+    loaded = _loaded("minilm-l6")
+    model, tokenizer, _ = loaded
+    prunable = float(headscope.run("importance", loaded, ablations="zero").summary["prunable_fraction"])
+    paragraphs = [p for p in probe_text.prose().split("\n\n") if p.strip()]
+    inputs = tokenizer(paragraphs, return_tensors="pt", padding=True, truncation=True, max_length=128)
+    sep = inputs["input_ids"] == tokenizer.sep_token_id
+    on_cls, on_sep = KeyMass(positions=(0,), exclude_own=False), KeyMass(key_mask=sep, exclude_own=False)
+    with torch.no_grad(), Scope(model).capture(on_cls, on_sep):
+        model(**inputs)
+    stack = next(iter(on_cls.result()))
+    cls_layers, sep_layers = on_cls.result()[stack].mean(1), on_sep.result()[stack].mean(1)
+    layers = len(sep_layers)
+    peak = int(np.argmax(sep_layers))
+    rows = [
+        Row("share of heads prunable at small cost", "BERT-base (MNLI)", "about 40% at under 1 point of accuracy "
+            "(Michel Fig. 4)", "minilm-l6", f"{prunable:.0%} (objective within 0.05)"),
+        Row("mean attention on [SEP] per layer", "BERT-base", "over 50% in layers 6-10 of 12, little in the first and "
+            "last", "minilm-l6", ", ".join(f"L{i} {v:.2f}" for i, v in enumerate(sep_layers))),
+        Row("mean attention on [CLS] per layer", "BERT-base", "high in the early layers", "minilm-l6",
+            ", ".join(f"L{i} {v:.2f}" for i, v in enumerate(cls_layers))),
+    ]
+    claims = [
+        Claim("a large share of the heads (at least 20%) can be pruned at small cost", prunable >= 0.2,
+              f"{prunable:.0%}", expected=False,
+              why="MiniLM ships no task head, so the objective is the preservation of its output, a stricter "
+                  "criterion than the task accuracy Michel et al. prune against"),
+        Claim("attention on [SEP] peaks in a middle layer (neither the first nor the last) above 0.3, and the "
+              "first and last layers put less on it", 0 < peak < layers - 1 and sep_layers[peak] > 0.3
+              and sep_layers[0] < sep_layers[peak] and sep_layers[-1] < sep_layers[peak],
+              f"peak L{peak} {sep_layers[peak]:.2f}; L0 {sep_layers[0]:.2f}, L{layers - 1} {sep_layers[-1]:.2f}"),
+    ]
+    return rows, claims
+
+
+# --- Whisper's alignment heads ------------------------------------------------------------------------------------
+
+
+PAUSE_POSITIONS = 8  # encoder positions (20 ms each) of silence inside the clip that separate two phrases
+
+
+@finding(
+    "whisper-alignment-heads",
+    "Whisper's alignment heads track the timing of the words",
+    "Radford et al. 2022, Whisper (the alignment heads OpenAI ships per model for word timestamps); Papi et al. "
+    "2025, \"Cross-Attention is Half Explanation in Speech-to-Text Models\"",
+    "The shipped clip (three phrases of synthetic speech, separated by pauses), decoded greedily; each word "
+    "token's cross-attention peak must fall inside the span of its own phrase (the phrases are the clip's "
+    "speech between pauses of 160 ms or more, the tokens' phrase is counted from the punctuation decoded "
+    "before them). Per head, the share of word tokens placed in their phrase: the alignment heads' mean "
+    "against the median head. Papi et al.'s ordering from the `saliency` analysis' Pearson agreement "
+    "(tiny.en): the alignment heads' mean above the median head.",
+)
+def _whisper_alignment_heads() -> tuple[list[Row], list[Claim]]:
+    from headscope.analyses import saliency
+    from headscope.capture.engine import Scope
+    from headscope.models import zoo
+    from headscope.probes import audio
+
+    rows, claims = [], []
+    for alias in [a for a in ("whisper-tiny.en", "whisper-base") if zoo.packaged(a).installed()]:
+        loaded = _loaded(alias)
+        model, processor, _ = loaded
+        tokenizer = processor.tokenizer
+        source = saliency.audio_source(loaded, None, "floor")
+        target = saliency.decode(model, source, 64, tokenizer)
+        scope = Scope(model)
+        attention = saliency.cross_attention(model, scope, source, target)  # (L, H, tokens, positions)
+        heads = saliency.alignment_heads(model)
+        waveform, rate, _ = audio.load_speech()
+        spans = _phrases(audio.frame_reasons(waveform, rate, source.positions))
+        phrase = _phrase_of_tokens(target.labels)
+        # as OpenAI's word timestamps read them: each frame standardised over the tokens
+        scaled = (attention - attention.mean(2, keepdims=True)) / (attention.std(2, keepdims=True) + 1e-12)
+        placed = _placed(scaled, spans, phrase)  # (L, H) share of word tokens inside their phrase
+        median = float(np.median(placed))
+        together = np.mean([scaled[layer, head] for layer, head in heads], axis=0)[None, None]
+        aligned = float(_placed(together, spans, phrase)[0, 0])
+        mean_aligned = float(np.mean([placed[layer, head] for layer, head in heads]))
+        rows.append(Row("share of word tokens whose cross-attention peak lies in their phrase: the alignment heads "
+                        "together / each (mean) / the median head / the best head", "Whisper (OpenAI's list)",
+                        "alignment heads chosen for word timing", alias, f"{aligned:.2f} / {mean_aligned:.2f} / "
+                        f"{median:.2f} / {placed.max():.2f} "
+                        f"({len(heads)} heads; {len(spans)} phrases, {int((phrase >= 0).sum())} word tokens)"))
+        claims.append(Claim(f"{alias}: the alignment heads together place at least 80% of the words in their phrase, "
+                            "above the median head", len(spans) == 3 and aligned >= 0.8 and aligned > median,
+                            f"{aligned:.2f} vs {median:.2f}"))
+        claims.append(Claim(f"{alias}: each alignment head on its own does better than the median head",
+                            mean_aligned > median, f"{mean_aligned:.2f} vs {median:.2f}"))
+    return rows, claims
+
+
+def _phrases(reasons: list[str]) -> list[tuple[int, int]]:
+    """(first, last + 1) encoder positions of each stretch of speech between pauses of PAUSE_POSITIONS or more."""
+    spans, start, quiet = [], None, 0
+    for position, reason in enumerate([*reasons, "padding"]):
+        if reason == "":
+            if start is None:
+                start = position
+            quiet = 0
+            end = position + 1
+        elif start is not None:
+            quiet += 1
+            if quiet >= PAUSE_POSITIONS or reason == "padding":
+                spans.append((start, end))
+                start, quiet = None, 0
+    return spans
+
+
+def _phrase_of_tokens(labels: list[str]) -> np.ndarray:
+    """Per explained token, the index of its phrase (punctuation decoded so far); -1 for punctuation itself."""
+    phrase, out = 0, []
+    for label in labels:
+        word = label.strip()
+        if word and all(ch in ",.;:!?" for ch in word):
+            out.append(-1)
+            phrase += 1
+        else:
+            out.append(phrase)
+    return np.array(out)
+
+
+def _placed(attention: np.ndarray, spans: list[tuple[int, int]], phrase: np.ndarray) -> np.ndarray:
+    words = np.flatnonzero((phrase >= 0) & (phrase < len(spans)))
+    peak = attention[:, :, words].argmax(-1)  # (L, H, words)
+    low = np.array([spans[phrase[w]][0] for w in words])
+    high = np.array([spans[phrase[w]][1] for w in words])
+    return ((peak >= low) & (peak < high)).mean(-1)
+
+
+# --- the page -----------------------------------------------------------------------------------------------------
+
+
+def command(name: str) -> str:
+    return f"headscope reproduce {name}"
+
+
+def render(reproductions: list[Reproduction], when: str) -> str:
+    """The marked block of ``docs/published.md``: a table per finding, then its claims."""
+    lines = [f"Generated {when} by `headscope reproduce --docs docs/published.md` (2 CPU cores, float32).", ""]
+    for one in reproductions:
+        finding_ = one.finding
+        lines += [f"### {finding_.title}", "", f"**Source:** {finding_.source}.  ",
+                  f"**Protocol:** {finding_.protocol}  ",
+                  f"**Reproduce:** `{command(finding_.name)}` ({one.seconds:.0f} s here).", "",
+                  "| quantity | paper's model | paper | headscope's model | headscope |", "|---|---|---|---|---|"]
+        lines += [f"| {_cell(r.quantity)} | {_cell(r.paper_model)} | {_cell(r.paper)} | {_cell(r.model)} | "
+                  f"{_cell(r.measured)} |" for r in one.rows]
+        lines.append("")
+        for claim in one.claims:
+            verdict = "reproduces" if claim.holds else "does not reproduce"
+            note = f" ({claim.why})" if claim.why else ""
+            lines.append(f"- **{verdict}**: {claim.text}: {claim.measured}{note}.")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _cell(text: str) -> str:
+    return re.sub(r"\s+", " ", text).replace("|", "\\|")
+
+
+def write_docs(path: Path, block: str) -> None:
+    """Replace the marked block of ``path`` (atomically), or fail naming the missing markers."""
+    text = path.read_text(encoding="utf-8")
+    if START not in text or END not in text:
+        raise HeadscopeError(f"{path} has no {START} ... {END} block to write the findings into")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(f"{head}{START}\n{block}{END}{tail}", encoding="utf-8")
+    temporary.replace(path)
