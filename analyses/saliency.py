@@ -92,7 +92,8 @@ class Params(Parameters):
             gradient methods grows with it.
         source_tokens: the shipped prose is cut to this many tokens for text models unless ``--max-tokens``
             says otherwise (user text is cut only by ``--max-tokens``).
-        deletion_fractions: fractions of the real positions deleted along each deletion curve.
+        deletion_fractions: fractions of the real positions deleted along each deletion curve (none: no deletion
+            curves).
         deletion_tokens: output tokens measured by the deletion curves, evenly spaced (0: every one).
         deletion_attention: the attention aggregate whose order the deletion curve follows (``all_layers``,
             ``last_layer``, ``layer_<l>``, ``alignment_heads``).
@@ -594,10 +595,13 @@ def run(context: Context) -> AnalysisResult:
     explanation = explain(model, context.scope, source, target, params)
     explanation.seconds["decoding"] = decoding_seconds
     result = assemble(explanation, source, target, params, heads)
-    started_deletion = time.perf_counter()
-    result.tables["deletion"] = _deletion(model, source, target, explanation, params, heads)
-    explanation.seconds["deletion"] = time.perf_counter() - started_deletion
-    result.summary["deletion_auc"] = {k: round(v, 4) for k, v in deletion_auc(result.tables["deletion"]).items()}
+    if params.deletion_fractions:
+        started_deletion = time.perf_counter()
+        result.tables["deletion"] = _deletion(model, source, target, explanation, params, heads)
+        explanation.seconds["deletion"] = time.perf_counter() - started_deletion
+        result.summary["deletion_auc"] = {k: round(v, 4) for k, v in deletion_auc(result.tables["deletion"]).items()}
+    else:
+        result.summary["deletion_auc"] = "not run: saliency.deletion_fractions is empty"
     result.summary["seconds"] = {k: round(v, 2) for k, v in explanation.seconds.items()}
     result.seconds = time.perf_counter() - started
     return result

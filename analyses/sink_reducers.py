@@ -1,5 +1,6 @@
-"""The reducers of the ``sinks`` analysis: sink mass over the queries that can see the sink, the mass a learned
-sink logit withholds, the attention each key position receives, and entropy over content keys only.
+"""The reducers of the ``sinks`` analysis: sink mass over the queries that can see the sink (and Gu et al.'s sink
+score per example), the mass a learned sink logit withholds, the attention each key position receives, and entropy
+over content keys only.
 
 They stream like every :class:`~headscope.capture.reducers.Reducer` (sums per head, merged by addition); they
 live here, beside the analysis that defines them, rather than in the capture engine's core.
@@ -12,6 +13,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
+from headscope.capture.adapters import Site
 from headscope.capture.reducers import Chunk, KernelCall, KeyMass, Reducer
 
 
@@ -74,6 +76,37 @@ class SinkMass(KeyMass):
             logits = None if chunk.logits is None else chunk.logits[..., columns]
             return _visible(chunk.probs[..., columns], logits).any(dim=-1)
         return (_visible(chunk.probs, chunk.logits) & in_set[:, None, None, :]).any(dim=-1)
+
+
+class SinkScores(SinkMass):
+    """Gu et al.'s sink score for each example of the batch: alpha[b, l, h] = 1/|Q_b| sum_{t in Q_b} A[l, h, t, 0],
+    Q_b the valid queries of example b that can see its first token (t = 0 included).
+
+    The same sums as ``SinkMass(positions=(0,), exclude_own=False)``, kept per example instead of added over the
+    batch: the sink rate takes its indicator alpha > eps per input. :meth:`result` gives, per stack, an
+    (examples, layers, heads) array; :meth:`merge` adds another capture of the same batch (decoding steps).
+    """
+
+    name = "sink_scores"
+
+    def __init__(self, stacks: Iterable[str] | None = None) -> None:
+        super().__init__(positions=(0,), exclude_own=False, stacks=stacks)
+
+    def _add_seen(self, chunk: Chunk | KernelCall, in_set: torch.Tensor, mass: torch.Tensor,
+                  sees: torch.Tensor) -> None:
+        weight = sees.to(mass.dtype) * chunk.query_valid.to(mass.dtype)[:, None, :]
+        self.add(chunk.site, (mass * weight).sum(dim=2), weight.sum(dim=2))
+
+    def add(self, site: Site, per_head: torch.Tensor, count: torch.Tensor | float) -> None:
+        """Add (examples, H) sums and counts to ``site``'s layer."""
+        if site.stack not in self.sums:
+            stack = self._shapes[site.stack]
+            dtype = torch.float32 if per_head.device.type == "mps" else torch.float64
+            self.sums[site.stack] = torch.zeros(per_head.shape[0], stack.layers, stack.heads, dtype=dtype,
+                                                device=per_head.device)
+            self.counts[site.stack] = torch.zeros_like(self.sums[site.stack])
+        self.sums[site.stack][:, site.layer, : site.heads] += per_head.detach().to(self.sums[site.stack])
+        self.counts[site.stack][:, site.layer, : site.heads] += count.detach().to(self.counts[site.stack])
 
 
 class ResidualMass(Reducer):
@@ -160,6 +193,14 @@ class KeyReceived(Reducer):
                 store[key] = _widened(store.get(key), values.shape[0], values.shape[1], values.device)
                 store[key][:, : values.shape[1]] += values.to(store[key])
         return self
+
+    def example(self, index: int) -> KeyReceived:
+        """The sums of example ``index`` alone, as a reducer of a batch of one."""
+        one = KeyReceived(self.stacks)
+        one._shapes = self._shapes
+        one.sums = {key: sums[index: index + 1].clone() for key, sums in self.sums.items()}
+        one.counts = {key: counts[index: index + 1].clone() for key, counts in self.counts.items()}
+        return one
 
     def result(self) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
         """``{(stack, layer): (received (B, positions), queries (B, positions))}``: the mean attention each

@@ -237,6 +237,69 @@ def models() -> None:
                             soft_wrap=True)
 
 
+@app.command()
+def reproduce(
+    names: Annotated[list[str] | None, typer.Argument(
+        help="the findings to reproduce (default: all; --list names them)", show_default=False)] = None,
+    docs: Annotated[Path | None, typer.Option(
+        help="rewrite the generated block of this page (docs/published.md) with the numbers measured; needs "
+             "every finding")] = None,
+    json_out: Annotated[Path | None, typer.Option(
+        "--json", help="write each finding's rows and claims to this JSON file")] = None,
+    list_: Annotated[bool, typer.Option("--list", help="list the findings and stop")] = False,
+) -> None:
+    """Reproduce published findings on the packaged models: the paper's and headscope's numbers, and whether each
+    claim reproduces. Exit code 1 when a claim's outcome is not the one recorded (or a finding could not run)."""
+    import datetime
+    import json
+
+    from headscope import published
+    from headscope.results import write_atomically
+
+    if list_:
+        for finding in published.chosen():
+            Console().print(f"[bold]{finding.name}[/bold]: {finding.title} ({finding.source})", highlight=False,
+                            soft_wrap=True)
+        return
+    findings = published.chosen(names or ())
+    if docs is not None and len(findings) < len(published.FINDINGS):
+        raise HeadscopeError("--docs rewrites the whole page: run every finding (name none)")
+    for path in (docs, json_out):
+        if path is not None and not path.parent.is_dir():
+            raise HeadscopeError(f"cannot write {path}: folder {path.parent} does not exist")
+    if docs is not None:
+        published.check_page(docs)  # before hours of work, not after
+    reproductions = []
+    for finding in findings:
+        console.print(f"reproducing {finding.name} ...", highlight=False)
+        one = finding.attempt()
+        reproductions.append(one)
+        _print_reproduction(one)
+        if json_out is not None:  # after each finding, so that an interrupted run keeps what it measured
+            write_atomically(json_out, (json.dumps([r.to_json() for r in reproductions], indent=2) + "\n").encode())
+    failed = [one.finding.name for one in reproductions if not one.as_expected]
+    if docs is not None:
+        when = datetime.date.today().isoformat()
+        published.write_docs(docs, published.render(reproductions, when))
+        console.print(f"wrote {docs}", highlight=False, soft_wrap=True)
+    if failed:
+        console.print(f"not as recorded: {', '.join(failed)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+def _print_reproduction(one) -> None:
+    """One finding's claims on stdout: verdict, claim and the numbers behind it."""
+    out = Console()
+    out.print(f"[bold]{one.finding.name}[/bold] ({one.seconds:.0f} s)", highlight=False)
+    if one.error is not None:
+        out.print(f"  could not be measured: {one.error}", highlight=False, soft_wrap=True, markup=False)
+    for claim in one.claims:
+        verdict = "reproduces" if claim.holds else "does not reproduce"
+        flag = "" if claim.as_expected else "  [NOT AS RECORDED]"
+        out.print(f"  {verdict}: {claim.text}: {claim.measured}{flag}", highlight=False, soft_wrap=True,
+                  markup=False)
+
+
 def _parameters(settings: list[str]) -> dict[str, dict[str, object]]:
     """``["sinks.protocol=gu", ...]`` -> ``{"sinks": {"protocol": "gu"}}``: the values stay text, which the
     analysis's parameters read by their types (``headscope analyses`` lists them)."""

@@ -65,18 +65,22 @@ class Repeated:
         return "sha256:" + hashlib.sha256(self.input_ids.numpy().tobytes()).hexdigest()
 
 
-def special_frame(tokenizer) -> tuple[list[int], list[int]]:
-    """The token ids the tokenizer adds before and after a text; for a tokenizer that adds none, its
-    ``bos_token`` (else ``eos_token``) as the prefix, when it has one."""
+def added_frame(tokenizer) -> tuple[list[int], list[int]]:
+    """The token ids the tokenizer itself adds before and after a text (Llama/Gemma: ``<bos>`` before; BERT:
+    ``[CLS]`` before, ``[SEP]`` after; SmolLM2: nothing)."""
     probe = "repeated tokens"
     plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
     framed = tokenizer(probe)["input_ids"]
     for start in range(len(framed) - len(plain) + 1):
         if framed[start:start + len(plain)] == plain:
-            prefix, suffix = list(framed[:start]), list(framed[start + len(plain):])
-            break
-    else:
-        prefix, suffix = [], []
+            return list(framed[:start]), list(framed[start + len(plain):])
+    return [], []
+
+
+def special_frame(tokenizer) -> tuple[list[int], list[int]]:
+    """The token ids the tokenizer adds before and after a text (:func:`added_frame`); for a tokenizer that adds
+    none before, its ``bos_token`` (else ``eos_token``) as the prefix, when it has one."""
+    prefix, suffix = added_frame(tokenizer)
     if not prefix:
         first = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         prefix = [first] if first is not None else []

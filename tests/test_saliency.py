@@ -18,6 +18,7 @@ import torch
 from cli_runner import run_cli
 from scipy import stats
 
+import headscope
 from headscope.analyses import saliency
 from headscope.capture.engine import Scope
 from headscope.models import zoo
@@ -279,6 +280,15 @@ def test_cli_runs_saliency_on_a_tiny_t5_folder(tmp_path: Path, tiny_t5_dir: Path
     assert set(result.summary["deletion_auc"]) == {"attention:all_layers", *saliency.METHODS, "random"}
     for name in ("aggregates", "overlay", "deletion", "pearson_saliency-cross"):
         assert (tmp_path / "figures" / f"saliency-{name}.html").is_file()
+
+
+def test_no_deletion_fractions_skips_the_curves_and_says_so(tiny_t5_dir: Path) -> None:
+    result = headscope.run("saliency", str(tiny_t5_dir), max_new_tokens=5, source_tokens=12, tokens=3,
+                           deletion_fractions=())
+    assert "deletion" not in result.tables
+    assert result.summary["deletion_auc"] == "not run: saliency.deletion_fractions is empty"
+    assert np.isfinite(result.map("pearson_saliency", "cross").values).any()
+    assert "deletion" not in result.plot()
 
 
 def test_a_decoder_only_model_or_an_unknown_method_is_one_line_and_exit_2(tmp_path: Path, tiny_llama_dir: Path,

@@ -4,7 +4,8 @@ headscope registers its own attention function in transformers' ``AttentionInter
 ``AttentionMaskInterface`` entry) and switches the model to it for the duration of a capture. Inside,
 attention is computed as eager attention computes it, but one chunk of queries at a time; each chunk's
 probabilities go to the active reducers and are dropped. With no reducer active the call goes to SDPA.
-Gates are forward pre-hooks on each attention module's output projection.
+Gates are forward pre-hooks on each attention module's output projection. An eviction policy
+(:class:`~headscope.capture.eviction.Eviction`) hides the keys it evicts from each query, on every path.
 
     scope = Scope(model)
     mass, entropy = KeyMass(), Entropy()
@@ -32,6 +33,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.utils.generic import TransformersKwargs
 
 from headscope.capture.adapters import Adapter, Site, adapt
+from headscope.capture.eviction import Eviction
 from headscope.capture.gates import Gates
 from headscope.capture.reducers import Chunk, KernelCall, Reducer
 from headscope.errors import HeadscopeError, NonFiniteError
@@ -91,6 +93,7 @@ class _Session:
     chunk_size: int | None
     budget_bytes: int
     path: str = "auto"
+    eviction: Eviction | None = None
     call: int = 0
     # Calls of attention that fed reducers, per path taken: "kernel", or "chunked: <why>".
     paths: collections.Counter = field(default_factory=collections.Counter)
@@ -176,6 +179,7 @@ class Scope:
         chunk_size: int | None = None,
         budget_bytes: int = DEFAULT_BUDGET_BYTES,
         path: str = "auto",
+        eviction: Eviction | None = None,
     ) -> Iterator[Scope]:
         """Run forward passes or ``generate`` inside; reducers fill, gates act.
 
@@ -190,9 +194,14 @@ class Scope:
                 feature the kernel lacks (soft-capping, learned sinks, position bias, uniform gates); else on the
                 chunked path. "chunked" always takes the chunked path. ``scope.paths`` counts the calls per path
                 taken, with the reason for each chunked one; the choice is also logged at DEBUG level.
+            eviction: a KV-cache eviction policy for one self-attention stack: each query sees only the keys the
+                policy keeps, on top of the model's own mask, on every path (SDPA's mask, the kernel's bias, the
+                chunked path's logits). The model's output then changes, as a cache that evicts those keys would
+                change it; reducers read the attention as evicted.
 
-        On exit, also on an exception, the model is as before: attention implementation restored and no
-        hook left.
+        Inside, the model's outputs are those it computes alone (to float rounding), unless ``eviction`` or gates
+        change them. On exit, also on an exception, the model is as before: attention implementation restored and
+        no hook left.
         """
         if _ACTIVE:
             raise HeadscopeError("a capture is already active: finish it before opening another")
@@ -208,14 +217,19 @@ class Scope:
         if any(g.uniform is not None for g in gates) and not self.adapter.routes_through_interface:
             raise HeadscopeError(f"uniform-attention gates need a model that dispatches attention through "
                                  f"transformers' AttentionInterface; {type(self.model).__name__} does not")
+        if eviction is not None:
+            if not self.adapter.routes_through_interface:
+                raise HeadscopeError(f"eviction policies need a model that dispatches attention through "
+                                     f"transformers' AttentionInterface; {type(self.model).__name__} does not")
+            eviction.check(self.stacks)
         for reducer in reducers:
             reducer.bind(self.stacks)
         session = _Session(self.adapter, self.adapter.by_module(), list(reducers), list(gates), chunk_size,
-                           budget_bytes, path)
+                           budget_bytes, path, eviction)
         _ACTIVE.append(session)
         try:
             with contextlib.ExitStack() as stack:
-                if reducers or (gates and self.adapter.routes_through_interface):
+                if reducers or eviction is not None or (gates and self.adapter.routes_through_interface):
                     stack.enter_context(self._attention_switched(session))
                 stack.enter_context(self._gate_hooks(session))
                 stack.enter_context(self._call_counter(session))
@@ -414,6 +428,9 @@ def headscope_attention(
     uniform = _uniform_rows(session, site, query) if site is not None else None
     needs_eager = kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or uniform is not None
     if not reducers and not needs_eager:
+        policy = _policy_of(session, site)
+        if policy is not None:
+            return _evicted_sdpa(session, site, policy, module, query, key, value, attention_mask, **kwargs)
         if site is not None and session.tracks_queries(site.stack):  # padding, for gates and cross-attention
             n_keys = key.shape[2]
             mask = attention_mask[..., :n_keys] if attention_mask is not None else None
@@ -435,6 +452,54 @@ def headscope_attention(
         _count_path(session, site, why)
     return _chunked_attention(session, site, reducers, module, query, key, value, attention_mask, uniform=uniform,
                               **kwargs)
+
+
+def _policy_of(session: _Session | None, site: Site | None) -> Eviction | None:
+    """The capture's eviction policy where it acts on ``site``'s stack; else None."""
+    policy = session.eviction if session is not None else None
+    return policy if policy is not None and site is not None and site.stack == policy.stack else None
+
+
+def _evicting(session: _Session, site: Site, policy: Eviction, attention_mask: torch.Tensor | None,
+              mask: torch.Tensor | None, causal: bool, validity: _Validity, n_queries: int,
+              n_keys: int) -> tuple[torch.Tensor | None, bool]:
+    """The call's mask (``mask``, cut from ``attention_mask``) with the keys ``policy`` evicts hidden too, and
+    causality folded in: (mask (B, H or 1, Tq, Tk), causal False); ``(mask, causal)`` as they were where every head of
+    the layer keeps every key. A float mask stays additive. Built once per model call for the layers that share
+    it."""
+    full = None if policy.full_heads is None else tuple(policy.full_heads[site.layer].tolist())
+    entry = ("eviction", id(attention_mask), n_queries, n_keys, causal, full, tuple(validity.key_start.tolist()))
+    cached = session.validity_cache.get(entry)
+    if cached is not None and cached[0] is attention_mask:
+        return cached[1]
+    device = validity.key_start.device
+    positions = torch.arange(n_queries, device=device) + n_keys - n_queries
+    kept = policy.kept(site.layer, positions, n_keys, validity.key_start, validity.query_valid)
+    if kept is None:
+        evicted = (mask, causal)
+    else:
+        if causal:
+            kept = kept & (torch.arange(n_keys, device=device)[None, :] <= positions[:, None])
+        if mask is None:
+            evicted = (kept, False)
+        elif mask.dtype == torch.bool:
+            evicted = (mask & kept, False)
+        else:
+            evicted = (mask.masked_fill(~kept, torch.finfo(mask.dtype).min), False)
+    session.validity_cache[entry] = (attention_mask, evicted)
+    return evicted
+
+
+def _evicted_sdpa(session: _Session, site: Site, policy: Eviction, module: nn.Module, query: torch.Tensor,
+                  key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+                  **kwargs) -> tuple[torch.Tensor, None]:
+    """SDPA under an eviction policy, no reducer reading: the model's mask with the evicted keys hidden too."""
+    scaling, causal, key, value, mask = _call_rules(session, module, query, key, value, attention_mask,
+                                                    kwargs.pop("scaling", None), kwargs.pop("is_causal", None))
+    n_keys = key.shape[2]
+    validity = _validity(session, site, mask, query.shape[0], query.shape[2], n_keys, False, query.device)
+    mask, causal = _evicting(session, site, policy, attention_mask, mask, causal, validity, query.shape[2], n_keys)
+    return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, is_causal=causal, **kwargs)
 
 
 # Dtypes the fused kernels take (their log-sum-exp is float32 for all of them).
@@ -600,6 +665,9 @@ def _kernel_attention(
     n_keys = key.shape[2]
     cross = site.kind == "cross"
     validity = _validity(session, site, mask, batch, n_queries, n_keys, cross, query.device)
+    policy = _policy_of(session, site)
+    if policy is not None:
+        mask, causal = _evicting(session, site, policy, attention_mask, mask, causal, validity, n_queries, n_keys)
     allowed = None if mask is None else mask if mask.dtype == torch.bool else mask > MASKED_BELOW
     bias = None if mask is None else _cached(session, (mask, "bias", query.dtype), lambda: _bias(mask, query.dtype))
     output, lse = _fused(query, key, value, bias, causal, scaling)
@@ -629,6 +697,16 @@ def _kernel_attention(
         visible = visible.expand(batch, heads, n_queries, n)
         return logits.masked_fill(~visible, float("-inf")), visible
 
+    def lse_over(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sees = chosen if allowed is None else chosen & allowed
+        if causal and positions is not None:
+            sees = sees & (torch.arange(n_keys, device=query.device)[None, :] <= positions[:, None])
+        sees = sees.expand(batch, sees.shape[1], n_queries, n_keys)
+        hidden = torch.zeros(sees.shape, device=query.device).masked_fill_(~sees, float("-inf"))
+        _, chosen_lse = _fused(query.float(), key.float(), key.float(), hidden, False, scaling)
+        seen = sees.any(dim=-1).expand(batch, heads, n_queries)  # (the kernel's log-sum-exp of an empty row is 0)
+        return torch.where(seen, chosen_lse, float("-inf")), seen
+
     wanted = set(what for r in reducers for what in r.expects)
     expectations: dict[str, object] = {}
     if "logit" in wanted or (query.dtype != torch.float32 and query.device.type == "cpu"):
@@ -647,7 +725,7 @@ def _kernel_attention(
                       key_start=validity.key_start, call=session.call, queries=n_queries, keys=n_keys,
                       causal=not cross and _sees_no_later_key(session, module, query, mask, is_causal)
                       if any(r.needs_causal for r in reducers) else False,
-                      logits_at=logits_at, expectations=expectations)
+                      logits_at=logits_at, expectations=expectations, lse_over=lse_over)
     for reducer in reducers:
         reducer.update_kernel(call)
     return output.transpose(1, 2).contiguous(), None
@@ -749,7 +827,9 @@ def _chunked_attention(
     n_keys = key.shape[2]
     offset = n_keys - n_queries
     cross = site is not None and site.kind == "cross"
-    validity = _validity(session, site, mask, batch, n_queries, n_keys, cross, query.device) if reducers else None
+    policy = _policy_of(session, site)
+    validity = (_validity(session, site, mask, batch, n_queries, n_keys, cross, query.device)
+                if reducers or policy is not None else None)
 
     rows = (session.rows_per_chunk(batch, heads, n_keys, causal or mask is not None, query.device) if session
             else n_queries)
@@ -779,6 +859,11 @@ def _chunked_attention(
             # start + offset + r, so mask the upper triangle of that (width x width) corner alone.
             corner = scores[..., start + offset + 1:]
             corner.masked_fill_(_upper_triangle(width, corner.shape[-1], scores.device), lowest)
+        if policy is not None:  # the keys the policy evicts, on top of the model's own mask
+            kept = policy.kept(site.layer, torch.arange(start, stop, device=scores.device) + offset, visible,
+                               validity.key_start, validity.query_valid[:, start:stop])
+            if kept is not None:
+                scores.masked_fill_(~kept, lowest)
         seen = scores > lowest if uniform is not None else None
         shifted = s_aux is None and any(r.needs_logits for r in reducers)
         if shifted:  # each row's max at 0: the same softmax, and logits a reducer can sum in float32

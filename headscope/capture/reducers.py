@@ -80,12 +80,16 @@ class KernelCall(_Queries):
         expectations: what the reducers' ``expects`` name, computed before any reducer reads the call:
             "logit" E_p[x] (B, H, Q), "position" E_p[key index] (B, H, Q), "received" (sum over valid queries t
             of A[t, s], how many valid queries see key s), each (B, H, K); all float64.
+        lse_over: keys (B, H or 1, Q, K) bool -> the (B, H, Q) float32 log-sum-exp of each query row over those of
+            the keys it sees (one more fused kernel call, a bias of Q x K), and (B, H, Q) whether it sees any of
+            them; the row's mass on them is exp(lse_over - lse).
     """
 
     lse: torch.Tensor
     causal: bool
     logits_at: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     expectations: dict[str, object]
+    lse_over: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def expected(self, what: str):
         """The expectation ``what`` (see ``expectations``); a reducer that reads one names it in ``expects``."""
