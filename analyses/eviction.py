@@ -255,7 +255,7 @@ def _figures(result: AnalysisResult) -> dict[str, go.Figure]:
                       "sinks + window (StreamingLLM) and per-head (DuoAttention) policies, and per head the attention "
                       "mass each policy evicts",
           figures=_figures, default=False,
-          cost="about 40 s on smollm2-135m at 2048 tokens (2 CPU cores)")
+          cost="about 37 s on smollm2-135m at 2048 tokens (2 CPU cores)")
 def run(context: Context) -> AnalysisResult:
     started = time.perf_counter()
     params = Params.read(context.params)
