@@ -23,6 +23,7 @@ import headscope
 RUNS = [  # (analysis, packaged model): every analysis on the packaged model of each kind it fits
     ("summary", "smollm2-135m"), ("patterns", "smollm2-135m"), ("sinks", "smollm2-135m"),
     ("importance", "smollm2-135m"), ("retrieval", "smollm2-135m"), ("eviction", "smollm2-135m"),
+    ("patching", "smollm2-135m"),
     ("summary", "whisper-tiny.en"), ("sinks", "whisper-tiny.en"), ("saliency", "whisper-tiny.en"),
     ("importance", "whisper-tiny.en"),
     ("sinks", "synthetic-llava-smollm2"), ("vhd", "synthetic-llava-smollm2"),

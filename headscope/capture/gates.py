@@ -2,8 +2,12 @@
 
 A forward pre-hook on each attention module's output projection sees its input as
 (batch, tokens, heads * head_dim), views it as (batch, tokens, heads, head_dim) and applies, in order:
-read (before any change), replace (where ``replace_mask`` is set) and scale. This is the per-head handle
-``head_mask`` used to be (removed in transformers v5).
+read (before any change), replace (where ``replace_mask`` is set), patch (where ``patch_mask`` is set) and
+scale. This is the per-head handle ``head_mask`` used to be (removed in transformers v5).
+
+Patching takes z from another run: read a run's z with ``read="all"`` (:meth:`Gates.z`), then hand it to a second
+run as ``patch`` with a ``patch_mask`` saying which heads (per example row, optionally per position) take it, as
+activation patching does (Vig et al. 2020; Meng et al. 2022; Wang et al. 2023).
 
 ``uniform`` acts one step earlier, inside headscope's attention function: the chosen heads attend uniformly
 over the keys they may see, so their z is the mean of the visible values.
@@ -17,6 +21,7 @@ from typing import Literal
 import torch
 
 from headscope.capture.adapters import Site
+from headscope.errors import HeadscopeError
 
 
 @dataclass
@@ -31,6 +36,11 @@ class Gates:
         replace_mask: (layers, heads) or per example (batch, layers, heads) bool.
         read: "mean" keeps the per-head sum of z over tokens (see :meth:`mean`); "all" keeps z itself per
             layer and call in ``z_``, (batch, tokens, heads, head_dim).
+        patch: per layer, the z another run computed, (batch or 1, tokens, heads, head_dim) (a batch of 1 serves
+            every row): where ``patch_mask`` is set, z takes its value. :meth:`z` gives a run's z in this form.
+        patch_mask: where z takes ``patch``'s value: (layers, heads), per example (batch, layers, heads), or per
+            example and position (batch, layers, heads, tokens) bool. A layer whose mask is all False needs no
+            entry in ``patch``.
         uniform: (layers, heads) or per example (batch, layers, heads) bool: these heads attend uniformly
             over their visible keys (every real key in cross-attention; keys up to the query under a causal
             mask). Needs a model that dispatches attention through transformers' ``AttentionInterface``.
@@ -41,6 +51,8 @@ class Gates:
     replace: torch.Tensor | None = None
     replace_mask: torch.Tensor | None = None
     read: Literal["mean", "all"] | None = None
+    patch: dict[int, torch.Tensor] | None = None
+    patch_mask: torch.Tensor | None = None
     uniform: torch.Tensor | None = None
     z_sum_: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     z_count_: dict[int, int] = field(default_factory=dict, repr=False)
@@ -60,6 +72,13 @@ class Gates:
         device = self.z_sum_[layers[0]].device  # layers spread over devices (a device map) meet on the first's
         return torch.stack([self.z_sum_[layer].to(device) / self.z_count_[layer] for layer in layers])
 
+    def z(self) -> dict[int, torch.Tensor]:
+        """Per layer, the z of the last call read (``read="all"``), (batch, tokens, heads, head_dim): what
+        ``patch`` takes."""
+        if not self.z_:
+            raise HeadscopeError("no head outputs were read: give Gates(read=\"all\") to a capture and run the model")
+        return {layer: calls[-1] for layer, calls in self.z_.items()}
+
     def apply(self, site: Site, z: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
         """Apply the gates of ``site``'s layer to z (batch, tokens, heads, head_dim); returns the new z."""
         if self.read == "mean":
@@ -78,9 +97,25 @@ class Gates:
             mask = per_example(self.replace_mask, site.layer, z.shape[0], z.device)
             value = self.replace[site.layer].to(z)[None, None]
             z = torch.where(mask[:, None, :, None], value, z)
+        if self.patch_mask is not None:
+            z = self._patched(site, z)
         if self.scale is not None:
             z = z * per_example(self.scale, site.layer, z.shape[0], z.device)[:, None, :, None].to(z.dtype)
         return z
+
+    def _patched(self, site: Site, z: torch.Tensor) -> torch.Tensor:
+        """z (batch, tokens, heads, head_dim) with ``patch``'s values where ``patch_mask`` is set at this layer."""
+        rows = patch_rows(self.patch_mask, site.layer, z.shape[0], z.shape[1], z.device)
+        if not bool(rows.any()):
+            return z
+        source = (self.patch or {}).get(site.layer)
+        if source is None:
+            raise HeadscopeError(f"patch_mask patches {site.stack} layer {site.layer}, but patch holds no z for it")
+        if source.shape[1:] != z.shape[1:] or source.shape[0] not in (1, z.shape[0]):
+            raise HeadscopeError(f"the patch's z of {site.stack} layer {site.layer} has shape {tuple(source.shape)}, "
+                                 f"this run's {tuple(z.shape)} (batch, tokens, heads, head_dim): patch between runs "
+                                 "of the same token length (a patch of batch 1 serves every row)")
+        return torch.where(rows.transpose(1, 2)[..., None], source.to(device=z.device, dtype=z.dtype), z)
 
     def uniform_rows(self, site: Site, batch: int, device: torch.device) -> torch.Tensor | None:
         """(batch, heads) bool: the heads of ``site``'s layer that attend uniformly; None when there are none."""
@@ -88,6 +123,23 @@ class Gates:
             return None
         rows = per_example(self.uniform, site.layer, batch, device).bool()
         return rows if bool(rows.any()) else None
+
+
+def patch_rows(table: torch.Tensor, layer: int, batch: int, tokens: int, device: torch.device) -> torch.Tensor:
+    """(batch, heads, tokens) bool rows of a (layers, heads), (batch, layers, heads) or (batch, layers, heads,
+    tokens) patch mask, on ``device``; a call of batch 1 under per-example rows takes their common value, as in
+    :func:`per_example`."""
+    if table.ndim < 4:
+        rows = per_example(table, layer, batch, device).bool()
+        return rows[:, :, None].expand(-1, -1, tokens)
+    if table.shape[-1] != tokens:
+        raise HeadscopeError(f"the patch mask covers {table.shape[-1]} positions; this run has {tokens} tokens")
+    rows = table[:, layer]
+    if batch == 1 and rows.shape[0] > 1:
+        if not bool((rows == rows[:1]).all()):
+            raise ValueError(f"per-example patch rows differ at layer {layer}, which runs once for the whole batch")
+        rows = rows[:1]
+    return rows.to(device).bool().expand(batch, -1, -1)
 
 
 def per_example(table: torch.Tensor, layer: int, batch: int, device: torch.device) -> torch.Tensor:
