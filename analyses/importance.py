@@ -51,6 +51,7 @@ from headscope.capture.gates import Gates
 from headscope.errors import HeadscopeError, MemoryBudgetError
 from headscope.probes import decoding
 from headscope.probes import inputs as probe_inputs
+from headscope.probes import text as probe_text
 from headscope.registry import Context, Parameters, register
 from headscope.results import AnalysisResult, HeadMap
 
@@ -264,8 +265,8 @@ def objective(loaded, scope: Scope, probe, params: Params) -> Objective:
     if inputs["input_ids"].shape[1] < 2:
         raise HeadscopeError("importance needs a probe of at least 2 tokens (a next-token loss)")
     if params.answer:
-        return logit_difference(inputs, _one_token(tokenizer, params.answer, "answer"),
-                                _one_token(tokenizer, params.wrong, "wrong"))
+        return logit_difference(inputs, probe_text.one_token(tokenizer, params.answer, "importance.answer ="),
+                                probe_text.one_token(tokenizer, params.wrong, "importance.wrong ="))
     return next_token_loss(inputs)
 
 
@@ -339,14 +340,6 @@ def preservation_loss(model, scope: Scope, inputs: dict[str, torch.Tensor]) -> O
     return Objective("loss", "output preservation: sum_t ||h_t - h0_t||^2 / sum_t ||h0_t||^2 over the real tokens "
                      "of the final hidden state (h0: the un-gated run); its gradient is zero at the clean run",
                      inputs, value, gradient=False, real=None if mask is None else mask.bool())
-
-
-def _one_token(tokenizer, text: str, name: str) -> int:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) != 1:
-        raise HeadscopeError(f"importance.{name}={text!r} is {len(ids)} tokens; the task metric needs one token "
-                             "each (a leading space often makes a word one token, e.g. ' Paris')")
-    return ids[0]
 
 
 def scored_stacks(scope: Scope) -> tuple[str, ...]:

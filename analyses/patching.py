@@ -299,8 +299,8 @@ def prepare(model: torch.nn.Module, scope: Scope, tokenizer, pair: ioi.Pair, met
     or an answer that is not one token."""
     clean = {k: v.to(model.device) for k, v in probe_text.encode(tokenizer, pair.clean, context).items()}
     corrupt = {k: v.to(model.device) for k, v in probe_text.encode(tokenizer, pair.corrupt, context).items()}
-    answer = _one_token(tokenizer, pair.answer, "answer") if pair.answer else None
-    wrong = _one_token(tokenizer, pair.wrong, "wrong answer") if pair.wrong else None
+    answer = probe_text.one_token(tokenizer, pair.answer, "patching: the answer") if pair.answer else None
+    wrong = probe_text.one_token(tokenizer, pair.wrong, "patching: the wrong answer") if pair.wrong else None
     return prepare_inputs(model, scope, clean, corrupt, answer, wrong, metric, pair,
                           probe_text.readable(tokenizer, clean["input_ids"][0].tolist()),
                           probe_text.readable(tokenizer, corrupt["input_ids"][0].tolist()))
@@ -326,14 +326,6 @@ def prepare_inputs(model: torch.nn.Module, scope: Scope, clean: dict[str, torch.
     pair = pair or ioi.Pair(" ".join(tokens), " ".join(corrupt_tokens), str(answer), str(wrong), "user")
     return Prepared(pair, clean, corrupt, tokens, corrupt_tokens, metric_function(metric, answer, wrong, clean_logits),
                     clean_logits, corrupted_logits, clean_z, corrupted_z, answer, wrong)
-
-
-def _one_token(tokenizer, text: str, name: str) -> int:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) != 1:
-        raise HeadscopeError(f"patching: the {name} {text!r} is {len(ids)} tokens; the metric needs one token each "
-                             "(a leading space often makes a word one token, e.g. ' Paris')")
-    return ids[0]
 
 
 def read_run(model: torch.nn.Module, scope: Scope, inputs: dict[str, torch.Tensor]

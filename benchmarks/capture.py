@@ -19,7 +19,8 @@ Methods:
                ``run_with_hooks``. Runs in ``benchmarks/.tl-venv`` (its own: TransformerLens pins what nnsight and
                inseq conflict with).
     headscope  ``Scope(model).capture(KeyMass(), Entropy())`` around one forward: the kernel path (the fused
-               attention kernel and its row log-sum-exp; entropy takes one more kernel call).
+               attention kernel and its row log-sum-exp; entropy takes one more kernel call, or, from
+               ``headscope.capture.flex.FUSED_FROM`` tokens on CPU, comes from the model's own attention call).
     headscope-chunked
                the same statistics on the chunked path (``path="chunked"``): query chunks of eager-exact
                probabilities.

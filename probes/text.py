@@ -18,6 +18,15 @@ def prose() -> str:
     return (DATA_DIR / "prose.txt").read_text(encoding="utf-8").strip()
 
 
+def one_token(tokenizer, text: str, what: str) -> int:
+    """The id of ``text`` as one token (no special tokens); refused, naming ``what``, when it is more or none."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise HeadscopeError(f"{what} {text!r} is {len(ids)} tokens; the metric needs one token each (a leading "
+                             "space often makes a word one token, e.g. ' Paris')")
+    return ids[0]
+
+
 def read_text(path: str | Path) -> str:
     """The text of a user's input file (UTF-8), refused when empty or unreadable."""
     path = Path(path)

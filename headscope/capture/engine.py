@@ -32,6 +32,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.utils.generic import TransformersKwargs
 
+from headscope.capture import flex
 from headscope.capture.adapters import Adapter, Site, adapt
 from headscope.capture.eviction import Eviction
 from headscope.capture.gates import Gates
@@ -68,6 +69,12 @@ TOWERS = ("vision", "audio")
 # reducers allow it, "chunked" always takes the chunked path.
 PATHS = ("auto", "chunked")
 KERNEL, CHUNKED = "kernel", "chunked"
+# How the kernel path serves entropy's E_p[k], where ``scope.paths`` names it: in the model's own attention call
+# (headscope.capture.flex), or by a second kernel call where that form was refused.
+FUSED = "entropy in the model's attention call (FlexAttention)"
+SECOND_CALL = "entropy by a second kernel call"
+# Why FlexAttention refused, once in this process: each try would compile again.
+_FLEX_REFUSED: list[str | None] = [None]
 
 logger = logging.getLogger(__name__)
 
@@ -440,9 +447,9 @@ def headscope_attention(
         why = _why_chunked(session, site, reducers, module, query, key, attention_mask, uniform, kwargs)
         if why is None:
             try:
-                result = _kernel_attention(session, site, reducers, module, query, key, value, attention_mask,
-                                           **kwargs)
-                _count_path(session, site, None)
+                result, form = _kernel_attention(session, site, reducers, module, query, key, value,
+                                                 attention_mask, **kwargs)
+                _count_path(session, site, None, form)
                 return result
             except _KernelRefused as refused:  # before any reducer read the call: the chunked path computes it
                 why = f"the fused kernel refused the call ({refused})"
@@ -536,8 +543,8 @@ def _why_chunked(session: _Session, site: Site, reducers: list[Reducer], module:
     return None
 
 
-def _count_path(session: _Session, site: Site, why: str | None) -> None:
-    path = KERNEL if why is None else f"{CHUNKED}: {why}"
+def _count_path(session: _Session, site: Site, why: str | None, form: str | None = None) -> None:
+    path = f"{CHUNKED}: {why}" if why is not None else KERNEL if form is None else f"{KERNEL}: {form}"
     if path not in session.paths:
         logger.debug("headscope capture: %s layer %d takes the %s path", site.stack, site.layer, path)
     session.paths[path] += 1
@@ -655,8 +662,10 @@ def _kernel_attention(
     scaling: float | None = None,
     is_causal: bool | None = None,
     **_: object,
-) -> tuple[torch.Tensor, None]:
-    """Attention by the fused kernel, the reducers fed from its row log-sum-exp: no (queries x keys) matrix."""
+) -> tuple[tuple[torch.Tensor, None], str | None]:
+    """Attention by the fused kernel, the reducers fed from its row log-sum-exp: no (queries x keys) matrix. Returns
+    the call's result and the form of entropy's E_p[k] where it is not a second kernel call (None: it is, or no
+    reducer needs it)."""
     batch, heads, n_queries, head_dim = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
@@ -670,7 +679,14 @@ def _kernel_attention(
         mask, causal = _evicting(session, site, policy, attention_mask, mask, causal, validity, n_queries, n_keys)
     allowed = None if mask is None else mask if mask.dtype == torch.bool else mask > MASKED_BELOW
     bias = None if mask is None else _cached(session, (mask, "bias", query.dtype), lambda: _bias(mask, query.dtype))
-    output, lse = _fused(query, key, value, bias, causal, scaling)
+    wanted = set(what for r in reducers for what in r.expects)
+    one_call, form = None, None
+    if "logit" in wanted and _fuses_entropy(query, key, value, mask, cross or policy is not None):
+        one_call, form = _entropy_in_one_call(query, key, value, causal, scaling)
+    if one_call is not None:
+        output, lse, expected_key = one_call
+    else:
+        output, lse = _fused(query, key, value, bias, causal, scaling)
     _check_finite(site, query, key, output)
     offset = n_keys - n_queries
     positions = None if cross else torch.arange(n_queries, device=query.device) + offset
@@ -707,9 +723,10 @@ def _kernel_attention(
         seen = sees.any(dim=-1).expand(batch, heads, n_queries)  # (the kernel's log-sum-exp of an empty row is 0)
         return torch.where(seen, chosen_lse, float("-inf")), seen
 
-    wanted = set(what for r in reducers for what in r.expects)
     expectations: dict[str, object] = {}
-    if "logit" in wanted or (query.dtype != torch.float32 and query.device.type == "cpu"):
+    if one_call is not None:
+        expectations["logit"] = scaling * torch.linalg.vecdot(query.double(), expected_key.double())
+    elif "logit" in wanted or (query.dtype != torch.float32 and query.device.type == "cpu"):
         # One float32 call with the keys as values: E_p[k] for entropy, and, for a half-precision model on CPU, the
         # row log-sum-exp in float32 (the CPU flash kernel's own is only good to ~5e-5 in bfloat16).
         expected_key, lse32 = _fused(query.float(), key.float(), key.float(), None if bias is None else bias.float(),
@@ -728,7 +745,35 @@ def _kernel_attention(
                       logits_at=logits_at, expectations=expectations, lse_over=lse_over)
     for reducer in reducers:
         reducer.update_kernel(call)
-    return output.transpose(1, 2).contiguous(), None
+    return (output.transpose(1, 2).contiguous(), None), form
+
+
+def _entropy_in_one_call(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool, scaling: float
+                         ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, str]:
+    """``flex.entropy_call``'s output, L and E_p[k] (None where it refuses), and the form ``scope.paths`` names."""
+    if _FLEX_REFUSED[0] is None:
+        try:
+            one_call = flex.entropy_call(query, key, value, causal, scaling)
+        except flex.FlexRefused as refused:
+            _FLEX_REFUSED[0] = str(refused)
+            warnings.warn(f"headscope: FlexAttention refused entropy's one-call form ({refused}); such calls take a "
+                          "second kernel call instead (exact, slower)", stacklevel=5)
+        else:
+            if one_call is not None:
+                return one_call, FUSED
+            return None, f"{SECOND_CALL} (a query's own key has under {flex.LEAST_OWN:.0e} of its attention)"
+    return None, f"{SECOND_CALL} (FlexAttention refused: {_FLEX_REFUSED[0]})"
+
+
+def _fuses_entropy(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                   other_keys: bool) -> bool:
+    """Whether entropy's E_p[k] comes from the model's own attention call (``flex``): self-attention over its own
+    tokens (``other_keys``: cross-attention, or an eviction policy's), from ``flex.FUSED_FROM`` of them, float32 on
+    CPU, no mask, nothing to differentiate."""
+    n_queries, n_keys = query.shape[2], key.shape[2]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    return (query.device.type == "cpu" and query.dtype == torch.float32
+            and mask is None and not other_keys and not grad and n_queries == n_keys >= flex.FUSED_FROM)
 
 
 def _check_finite(site: Site, query: torch.Tensor, key: torch.Tensor, output: torch.Tensor) -> None:
