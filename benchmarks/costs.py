@@ -10,6 +10,7 @@ they are costs to plan by, not speed targets (those are in capture.py, importanc
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import time
@@ -50,7 +51,16 @@ def main() -> None:
         rows.append({"analysis": analysis, "model": alias, "seconds": round(seconds, 1), "status": result.status,
                      "load_average_after": os.getloadavg()[0]})
         print(f"{analysis} on {alias}: {seconds:.1f} s", flush=True)
-    write({"command": "python benchmarks/costs.py", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    now = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    if only and args.out.exists():  # the other analyses keep their rows; the new ones say when they were measured
+        for row in rows:
+            row["measured"] = f"{now}, python benchmarks/costs.py --only {args.only}"
+        earlier = json.loads(args.out.read_text())
+        new = {row["analysis"]: row for row in rows}
+        rows = [new.pop(row["analysis"], row) for row in earlier["rows"]] + list(new.values())
+        write({**earlier, "rows": rows}, args.out)
+        return
+    write({"command": "python benchmarks/costs.py", "date": now,
            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                        "threads": torch.get_num_threads()},
            "load_s": load_s, "rows": rows}, args.out)
