@@ -56,8 +56,8 @@ def main() -> None:
         for row in rows:
             row["measured"] = f"{now}, python benchmarks/costs.py --only {args.only}"
         earlier = json.loads(args.out.read_text())
-        new = {row["analysis"]: row for row in rows}
-        rows = [new.pop(row["analysis"], row) for row in earlier["rows"]] + list(new.values())
+        new = {(row["analysis"], row["model"]): row for row in rows}
+        rows = [new.pop((row["analysis"], row["model"]), row) for row in earlier["rows"]] + list(new.values())
         write({**earlier, "rows": rows}, args.out)
         return
     write({"command": "python benchmarks/costs.py", "date": now,
